@@ -1,0 +1,89 @@
+"""``tgate-export``: a diffusers SD pipeline -> two T-GATE UNet graphs + text encoder + VAE decoder."""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+from pathlib import Path
+from types import FrameType
+
+from tqdm import tqdm
+
+from .exporter import DTYPES, MAX_OPSET, MIN_OPSET, STAGES, ExportError, ExportRequest, run_export
+from .models import PRESETS
+from .validate import format_table
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    # Turn SIGTERM into an exception so the temp folder is removed on the way out.
+    raise SystemExit(128 + signum)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tgate-export",
+        description="Export a Stable Diffusion pipeline as T-GATE ONNX graphs (pre-gate and post-gate "
+        "UNet, text encoder, VAE decoder), validated against PyTorch.",
+    )
+    p.add_argument(
+        "--model",
+        required=True,
+        help=f"preset ({', '.join(PRESETS)}), local diffusers folder, .safetensors/.ckpt file, or hub id",
+    )
+    p.add_argument("--out", required=True, type=Path, help="export folder (created atomically)")
+    p.add_argument("--dtype", default="fp32", help=f"{' | '.join(DTYPES)} (fp16 for GPU targets)")
+    p.add_argument("--opset", type=int, default=18, help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET}")
+    p.add_argument("--height", type=int, help="image height used for tracing and validation")
+    p.add_argument("--width", type=int, help="image width used for tracing and validation")
+    p.add_argument(
+        "--random-weights", action="store_true", help="build a preset's architecture with random weights"
+    )
+    p.add_argument(
+        "--config", help="local diffusers folder with configs + tokenizer for a single-file checkpoint"
+    )
+    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    signal.signal(signal.SIGTERM, _terminate)
+    req = ExportRequest(
+        model=args.model,
+        out=args.out,
+        dtype=args.dtype,
+        opset=args.opset,
+        height=args.height,
+        width=args.width,
+        random_weights=args.random_weights,
+        config=args.config,
+        force=args.force,
+    )
+    bar = tqdm(total=len(STAGES), desc="export", unit="stage", file=sys.stderr)
+
+    def progress(msg: str) -> None:
+        if bar.n or msg != STAGES[0]:
+            bar.update(1)
+        bar.set_postfix_str(msg)
+
+    try:
+        manifest, checks = run_export(req, progress)
+    except ExportError as exc:
+        bar.close()
+        print(f"tgate-export: error: {exc}", file=sys.stderr)
+        return 2
+    bar.update(bar.total - bar.n)
+    bar.close()
+    print(format_table(checks))
+    pre, post = manifest.graphs["unet_pregate"], manifest.graphs["unet_postgate"]
+    print(
+        f"\nexported {args.model} ({manifest.dtype}, opset {manifest.opset}) to {args.out}: "
+        f"{len(manifest.cache_layers)} gated attn2 layers; UNet parameters "
+        f"pre-gate {pre.parameters:,} -> post-gate {post.parameters:,}"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

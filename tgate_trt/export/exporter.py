@@ -1,0 +1,214 @@
+"""One export, start to finish: load, export four graphs, validate, write the manifest, publish atomically.
+
+Everything is built in a temp folder beside the destination and renamed into place only after every
+graph passed validation, so an interrupted or failed export never leaves a half-written folder.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any
+
+from .. import manifest as mf
+from .graphs import ExportOptions, cache_layers, export_postgate, export_pregate, export_standard_parts
+from .models import ARCHITECTURES, ModelLoadError, SourceModel, resolve_model
+from .onnx_io import describe
+from .validate import Check, validate_export
+
+MIN_OPSET, MAX_OPSET = 18, 20  # >= 18 for TensorRT's LayerNorm mapping; 20 is the legacy exporter's max
+DTYPES = ("fp32", "fp16")
+DEFAULTS = {"steps": 25, "gate_step": 10, "guidance_scale": 7.5}
+STAGES = (
+    "load model",
+    "text encoder + VAE decoder",
+    "pre-gate UNet",
+    "post-gate UNet",
+    "validate",
+    "manifest",
+)
+
+
+class ExportError(RuntimeError):
+    """An export that can't start or didn't validate; the message says what to change."""
+
+
+@dataclass
+class ExportRequest:
+    model: str
+    out: Path
+    dtype: str = "fp32"
+    opset: int = 18
+    height: int | None = None
+    width: int | None = None
+    random_weights: bool = False
+    config: str | None = None  # configs + tokenizer for single-file checkpoints
+    force: bool = False
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def check_request(req: ExportRequest) -> None:
+    """Every check that needs no model weights, so bad input fails in milliseconds."""
+    if req.dtype not in DTYPES:
+        raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {req.dtype!r}")
+    if not MIN_OPSET <= req.opset <= MAX_OPSET:
+        raise ExportError(f"--opset must be between {MIN_OPSET} and {MAX_OPSET}, got {req.opset}")
+    for name, value in (("height", req.height), ("width", req.width)):
+        if value is not None and value <= 0:
+            raise ExportError(f"--{name} must be positive, got {value}")
+    out = req.out
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"{out} exists and is not a folder: choose another --out")
+    if out.is_dir() and any(out.iterdir()) and not req.force:
+        raise ExportError(f"{out} is not empty: pass --force to replace it, or choose another --out")
+    if not out.parent.exists():
+        raise ExportError(f"the parent folder of {out} does not exist: create it first")
+    arch = ARCHITECTURES.get(req.model) if req.model in ARCHITECTURES else None
+    if arch is not None:
+        _check_size(req, _multiple(arch["unet"], arch["vae"]))
+
+
+def _multiple(unet_cfg: dict[str, Any], vae_cfg: dict[str, Any]) -> int:
+    return 2 ** (len(vae_cfg["block_out_channels"]) - 1) * 2 ** (len(unet_cfg["block_out_channels"]) - 1)
+
+
+def _check_size(req: ExportRequest, multiple: int) -> None:
+    for name, value in (("height", req.height), ("width", req.width)):
+        if value is not None and value % multiple:
+            raise ExportError(f"--{name} must be a multiple of {multiple} for this model, got {value}")
+
+
+def _tool_versions() -> dict[str, str]:
+    out = {}
+    for pkg in (
+        "tgate-trt",
+        "torch",
+        "diffusers",
+        "transformers",
+        "optimum",
+        "optimum-onnx",
+        "onnx",
+        "onnxruntime",
+    ):
+        try:
+            out[pkg] = version(pkg)
+        except PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def _save_assets(pipe: Any, root: Path) -> None:
+    pipe.tokenizer.save_pretrained(root / "tokenizer")
+    pipe.scheduler.save_pretrained(root / "scheduler")
+    unet_cfg = json.dumps(dict(pipe.unet.config), indent=2, default=str)
+    for key, config in (
+        (mf.TEXT_ENCODER, pipe.text_encoder.config.to_json_string()),
+        (mf.VAE_DECODER, json.dumps(dict(pipe.vae.config), indent=2, default=str)),
+        (mf.PREGATE, unet_cfg),
+        (mf.POSTGATE, unet_cfg),
+    ):
+        (root / key).mkdir(parents=True, exist_ok=True)
+        (root / key / "config.json").write_text(config)
+
+
+def build_manifest(
+    src: SourceModel,
+    root: Path,
+    opts: ExportOptions,
+    params: dict[str, int],
+    layers: list[mf.CacheLayer],
+    checks: list[Check],
+) -> mf.Manifest:
+    pipe = src.pipe
+    return mf.Manifest(
+        source=src.source,
+        dtype=opts.dtype,
+        opset=opts.opset,
+        graphs={k: describe(root / k, root, params[k]) for k in mf.GRAPH_KEYS},
+        cache_layers=layers,
+        latent={
+            "channels": pipe.unet.config.in_channels,
+            "vae_scale_factor": pipe.vae_scale_factor,
+            "scaling_factor": pipe.vae.config.scaling_factor,
+            "multiple": 2 ** (len(pipe.unet.config.block_out_channels) - 1),
+        },
+        text={
+            "tokenizer": "tokenizer",
+            "max_length": pipe.tokenizer.model_max_length,
+            "hidden_size": pipe.text_encoder.config.hidden_size,
+        },
+        defaults={**DEFAULTS, "height": opts.height, "width": opts.width},
+        scheduler="scheduler",
+        tools=_tool_versions(),
+        validation=[c.row() for c in checks],
+    )
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Swap the finished temp folder into place; an old folder (``--force``) is removed only after."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def run_export(
+    req: ExportRequest, progress: Callable[[str], None] | None = None
+) -> tuple[mf.Manifest, list[Check]]:
+    """Export ``req.model`` to ``req.out``; raises :class:`ExportError` (nothing written) on failure."""
+    check_request(req)
+
+    def stage(msg: str) -> None:
+        if progress:
+            progress(msg)
+
+    stage(STAGES[0])
+    try:
+        src = resolve_model(req.model, req.random_weights, req.config)
+    except ModelLoadError as exc:
+        raise ExportError(str(exc)) from exc
+    pipe = src.pipe
+    multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
+    _check_size(req, multiple)
+    default = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    opts = ExportOptions(req.dtype, req.opset, req.height or default, req.width or default)
+    pipe.to(opts.torch_dtype)
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{req.out.name}.tmp-", dir=req.out.parent))
+    tmp.chmod(0o755)  # mkdtemp's 0700 would make the published folder private
+    try:
+        _save_assets(pipe, tmp)
+        stage(STAGES[1])
+        params = export_standard_parts(pipe, tmp, opts)
+        layers = cache_layers(pipe, opts)
+        stage(STAGES[2])
+        params[mf.PREGATE] = export_pregate(pipe, layers, tmp / mf.PREGATE, opts)
+        stage(STAGES[3])
+        params[mf.POSTGATE] = export_postgate(pipe, layers, tmp / mf.POSTGATE, opts)
+        stage(STAGES[4])
+        checks = validate_export(pipe, tmp, opts)
+        failed = [c for c in checks if not c.passed]
+        if failed:
+            from .validate import format_table
+
+            raise ExportError(
+                "validation failed: ONNX Runtime and PyTorch disagree beyond tolerance; nothing was "
+                f"written to {req.out}\n{format_table(checks)}"
+            )
+        stage(STAGES[5])
+        manifest = build_manifest(src, tmp, opts, params, layers, checks)
+        manifest.extra.update(req.extra)
+        manifest.save(tmp)
+        _publish(tmp, req.out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest, checks

@@ -1,0 +1,335 @@
+"""Where a Stable Diffusion pipeline comes from: presets, local folders, single files, or random weights.
+
+Model weights can't always be downloaded (air-gapped build hosts, CI), so every preset's architecture
+is kept here as plain configs: ``--random-weights`` builds SD-1.5/2.1-sized graphs for measurement with
+no network, and ``tiny`` is a seeded SD-1.5-shaped pipeline small enough for tests.
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+PRESETS: dict[str, str | None] = {
+    "tiny": None,  # built in-process
+    "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
+    "sd21": "stabilityai/stable-diffusion-2-1",
+}
+REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
+
+
+class ModelLoadError(ValueError):
+    """The --model argument can't be turned into a pipeline; the message says what to pass instead."""
+
+
+@dataclass
+class SourceModel:
+    pipe: Any  # diffusers.StableDiffusionPipeline
+    source: dict[str, Any] = field(default_factory=dict)  # recorded in the manifest
+
+
+# --- architecture configs (kept in code so --random-weights needs no download) ----------------------
+_SCHEDULER_SD = {
+    "_class_name": "DDIMScheduler",
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+}
+_VAE_SD = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "block_out_channels": [128, 256, 512, 512],
+    "down_block_types": ["DownEncoderBlock2D"] * 4,
+    "up_block_types": ["UpDecoderBlock2D"] * 4,
+    "layers_per_block": 2,
+    "norm_num_groups": 32,
+    "act_fn": "silu",
+    "scaling_factor": 0.18215,
+}
+_UNET_SD15 = {
+    "sample_size": 64,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 2,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+    "up_block_types": ["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3,
+    "cross_attention_dim": 768,
+    "attention_head_dim": 8,
+    "norm_num_groups": 32,
+}
+ARCHITECTURES: dict[str, dict[str, Any]] = {
+    "sd15": {
+        "unet": _UNET_SD15,
+        "vae": {**_VAE_SD, "sample_size": 512},
+        "text_encoder": {
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_attention_heads": 12,
+            "num_hidden_layers": 12,
+            "projection_dim": 768,
+            "hidden_act": "quick_gelu",
+        },
+        "scheduler": _SCHEDULER_SD,
+    },
+    "sd21": {
+        "unet": {
+            **_UNET_SD15,
+            "sample_size": 96,
+            "cross_attention_dim": 1024,
+            "attention_head_dim": [5, 10, 20, 20],
+            "use_linear_projection": True,
+            "upcast_attention": True,
+        },
+        "vae": {**_VAE_SD, "sample_size": 768},
+        "text_encoder": {
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_attention_heads": 16,
+            "num_hidden_layers": 23,
+            "projection_dim": 512,
+            "hidden_act": "gelu",
+        },
+        "scheduler": {**_SCHEDULER_SD, "prediction_type": "v_prediction"},
+    },
+    "tiny": {
+        # SD-1.5 shape at toy width: VAE factor 8, cross-attention at two resolutions (7 attn2 layers).
+        "unet": {
+            "sample_size": 8,
+            "in_channels": 4,
+            "out_channels": 4,
+            "layers_per_block": 1,
+            "block_out_channels": [32, 64],
+            "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+            "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+            "cross_attention_dim": 32,
+            "attention_head_dim": 8,
+            "norm_num_groups": 16,
+        },
+        "vae": {
+            **_VAE_SD,
+            "block_out_channels": [16, 16, 32, 32],
+            "layers_per_block": 1,
+            "norm_num_groups": 8,
+            "sample_size": 64,
+        },
+        "text_encoder": {
+            "hidden_size": 32,
+            "intermediate_size": 64,
+            "num_attention_heads": 4,
+            "num_hidden_layers": 2,
+            "projection_dim": 32,
+            "hidden_act": "quick_gelu",
+        },
+        "scheduler": _SCHEDULER_SD,
+    },
+}
+TINY_SEED = 0
+
+
+# --- a tokenizer that needs no download -------------------------------------------------------------
+def write_char_tokenizer(folder: Path) -> Path:
+    """Write a character-level CLIP BPE vocabulary (no merges): a real ``CLIPTokenizer`` that works
+    offline. It stands in for CLIP's 49k vocabulary wherever only the architecture matters."""
+    from transformers.models.clip.tokenization_clip import bytes_to_unicode
+
+    chars = list(bytes_to_unicode().values())
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for token in chars + [c + "</w>" for c in chars]:
+        vocab.setdefault(token, len(vocab))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "vocab.json").write_text(json.dumps(vocab))
+    (folder / "merges.txt").write_text("#version: 0.2\n")
+    return folder
+
+
+def char_tokenizer() -> Any:
+    from transformers import CLIPTokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = write_char_tokenizer(Path(tmp))
+        return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=77)
+
+
+@contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def build_from_architecture(name: str, seed: int = TINY_SEED) -> Any:
+    """A pipeline with the preset's architecture and seeded random weights; nothing is downloaded."""
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    arch = ARCHITECTURES[name]
+    tokenizer = char_tokenizer()
+    text_config = CLIPTextConfig(
+        **arch["text_encoder"],
+        vocab_size=max(len(tokenizer), 49408 if name != "tiny" else 0),
+        max_position_embeddings=77,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    with _seeded(seed):
+        unet = UNet2DConditionModel(**arch["unet"])
+        vae = AutoencoderKL(**arch["vae"])
+        text_encoder = CLIPTextModel(text_config)
+        for module in (unet, vae, text_encoder):
+            _perturb_constant_parameters(module)
+    scheduler = DDIMScheduler.from_config({k: v for k, v in arch["scheduler"].items() if k != "_class_name"})
+    pipe = StableDiffusionPipeline(
+        vae=vae.eval(),
+        text_encoder=text_encoder.eval(),
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+@torch.no_grad()
+def _perturb_constant_parameters(module: torch.nn.Module, std: float = 0.02) -> None:
+    """Give norm weights and zero biases small noise, as training would.
+
+    Fresh initialisation makes hundreds of tensors identical (all ones or zeros); the ONNX exporter
+    then stores them once, so graph sizes and parameter counts would not be those of a trained model.
+    """
+    for param in module.parameters():
+        if param.numel() > 1 and bool((param == param.flatten()[0]).all()):
+            param.add_(torch.randn_like(param) * std)
+
+
+def build_tiny(seed: int = TINY_SEED) -> Any:
+    """The deterministic tiny SD-1.5-shaped pipeline used by tests and the README's first command."""
+    return build_from_architecture("tiny", seed)
+
+
+# --- resolving --model ------------------------------------------------------------------------------
+def check_diffusers_folder(folder: Path) -> None:
+    """Fail fast, before loading weights, when a folder is not a Stable Diffusion pipeline."""
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise ModelLoadError(
+            f"{folder} is not a diffusers pipeline folder (no model_index.json): pass a folder saved "
+            "with StableDiffusionPipeline.save_pretrained, a .safetensors/.ckpt checkpoint, or a preset"
+        )
+    try:
+        info = json.loads(index.read_text())
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{index} is not valid JSON: {exc}") from exc
+    missing = [c for c in REQUIRED_COMPONENTS if c not in info or not (folder / c).is_dir()]
+    if missing:
+        raise ModelLoadError(
+            f"{folder} is not a Stable Diffusion pipeline: missing component(s) {', '.join(missing)} "
+            f"(needs {', '.join(REQUIRED_COMPONENTS)})"
+        )
+    cls = info.get("_class_name", "")
+    if "XL" in cls or "StableDiffusion" not in cls:
+        raise ModelLoadError(
+            f"{folder} holds a {cls or 'unknown'} pipeline; supported: StableDiffusionPipeline"
+        )
+
+
+def _offline_hint(what: str) -> str:
+    return (
+        f"could not load {what} from the Hugging Face Hub (offline, unknown id, or not in the local cache). "
+        "Pass a local diffusers folder (--model /path/to/folder) or a single-file checkpoint, or use "
+        "--random-weights with a preset to build the architecture without downloading weights"
+    )
+
+
+def _load_pretrained(ref: str, local: bool) -> Any:
+    from diffusers import StableDiffusionPipeline
+
+    try:
+        return StableDiffusionPipeline.from_pretrained(
+            ref, safety_checker=None, requires_safety_checker=False, local_files_only=local
+        )
+    except (OSError, ValueError) as exc:
+        if local:
+            raise ModelLoadError(f"could not load the diffusers folder {ref}: {exc}") from exc
+        raise ModelLoadError(_offline_hint(repr(ref))) from exc
+
+
+def _load_single_file(path: Path, config: str | None) -> Any:
+    from diffusers import StableDiffusionPipeline
+
+    if config is not None and Path(config).is_dir():
+        check_diffusers_folder(Path(config))
+    try:
+        return StableDiffusionPipeline.from_single_file(
+            str(path),
+            config=config,
+            safety_checker=None,
+            requires_safety_checker=False,
+            local_files_only=config is not None and Path(config).is_dir(),
+        )
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(
+            f"could not load the checkpoint {path}: {exc}. A single-file checkpoint carries weights but "
+            "not the tokenizer or configs: offline, pass --config with a local diffusers folder of the "
+            "same architecture"
+        ) from exc
+
+
+def resolve_model(model: str, random_weights: bool = False, config: str | None = None) -> SourceModel:
+    """Turn ``--model`` into a loaded pipeline plus the facts the manifest records about its origin."""
+    path = Path(model).expanduser()
+    if random_weights:
+        if model not in ARCHITECTURES:
+            raise ModelLoadError(
+                f"--random-weights needs a preset name ({', '.join(ARCHITECTURES)}), got {model!r}"
+            )
+        return SourceModel(build_from_architecture(model), _source(model, "preset", True))
+    if model == "tiny":
+        return SourceModel(build_tiny(), _source(model, "preset", True))
+    if model in PRESETS:
+        hub_id = PRESETS[model]
+        assert hub_id is not None
+        return SourceModel(
+            _load_pretrained(hub_id, local=False), {**_source(model, "preset"), "hub_id": hub_id}
+        )
+    if path.is_dir():
+        check_diffusers_folder(path)
+        return SourceModel(_load_pretrained(str(path), local=True), _source(str(path.resolve()), "folder"))
+    if path.is_file():
+        if path.suffix not in CHECKPOINT_SUFFIXES:
+            raise ModelLoadError(
+                f"{path} is not a checkpoint: single-file models must end in {' or '.join(CHECKPOINT_SUFFIXES)}"
+            )
+        return SourceModel(_load_single_file(path, config), _source(str(path.resolve()), "single_file"))
+    if path.suffix in CHECKPOINT_SUFFIXES or model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise ModelLoadError(f"{model} does not exist: pass an existing folder or checkpoint file")
+    if model.count("/") == 1:
+        return SourceModel(_load_pretrained(model, local=False), {**_source(model, "hub"), "hub_id": model})
+    raise ModelLoadError(
+        f"unknown model {model!r}: use a preset ({', '.join(PRESETS)}), a local diffusers folder, "
+        "a .safetensors/.ckpt file, or a hub id such as org/name"
+    )
+
+
+def _source(model: str, kind: str, random_weights: bool = False) -> dict[str, Any]:
+    preset = model if kind == "preset" else None
+    return {"model": model, "kind": kind, "preset": preset, "random_weights": random_weights}

@@ -1,0 +1,115 @@
+"""Saving and describing ONNX files: external data above protobuf's 2 GB limit, specs for the manifest."""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from ..manifest import GraphSpec, TensorSpec, sha256_file
+
+PROTOBUF_LIMIT = 2 * 1024**3 - 1
+EXTERNAL_DATA = "model.onnx_data"
+FLOAT_TYPES = (TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.BFLOAT16, TensorProto.DOUBLE)
+
+
+def parameter_count(model: onnx.ModelProto) -> int:
+    """Float weights held by the graph (initializers and constant nodes with more than one value)."""
+    total = 0
+    for init in model.graph.initializer:
+        n = int(np.prod(init.dims)) if init.dims else 1
+        if init.data_type in FLOAT_TYPES and n > 1:
+            total += n
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            for attr in node.attribute:
+                if attr.name == "value" and attr.t.data_type in FLOAT_TYPES:
+                    n = int(np.prod(attr.t.dims)) if attr.t.dims else 1
+                    total += n if n > 1 else 0
+    return total
+
+
+def weight_bytes(model: onnx.ModelProto) -> int:
+    from onnx.external_data_helper import uses_external_data
+
+    size = 0
+    for init in model.graph.initializer:
+        if uses_external_data(init):
+            size += int(np.prod(init.dims)) * helper.tensor_dtype_to_np_dtype(init.data_type).itemsize
+        else:
+            size += init.ByteSize()
+    return size
+
+
+def finalize(raw: Path, folder: Path, force_external: bool = False) -> int:
+    """Move an exported ``raw`` ONNX file into ``folder/model.onnx`` (one external-data file when it
+    would not fit in one protobuf) and check it; returns the parameter count.
+
+    torch writes one file per tensor for models above 2 GB; consolidating them keeps a graph to at
+    most two files, which is what TensorRT's parser, ORT and optimum expect.
+    """
+    model = onnx.load(str(raw), load_external_data=True)
+    params = parameter_count(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / "model.onnx"
+    if force_external or weight_bytes(model) > PROTOBUF_LIMIT - 64 * 1024**2:
+        onnx.save_model(
+            model,
+            str(target),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=EXTERNAL_DATA,
+            size_threshold=1024,
+        )
+    else:
+        onnx.save_model(model, str(target))
+    del model
+    onnx.checker.check_model(str(target))
+    return params
+
+
+def graph_files(folder: Path, root: Path) -> dict[str, str]:
+    """sha256 of ``model.onnx`` and its external data, keyed by path relative to the export root."""
+    return {
+        str(f.relative_to(root)): sha256_file(f)
+        for f in sorted(folder.iterdir())
+        if f.name in ("model.onnx", EXTERNAL_DATA)
+    }
+
+
+def _specs(values: list[onnx.ValueInfoProto]) -> list[TensorSpec]:
+    specs = []
+    for v in values:
+        t = v.type.tensor_type
+        dtype = np.dtype(helper.tensor_dtype_to_np_dtype(t.elem_type)).name
+        shape: list[int | str] = [d.dim_param if d.dim_param else int(d.dim_value) for d in t.shape.dim]
+        specs.append(TensorSpec(v.name, dtype, shape))
+    return specs
+
+
+def describe(folder: Path, root: Path, params: int) -> GraphSpec:
+    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+    return GraphSpec(
+        file=str((folder / "model.onnx").relative_to(root)),
+        files=graph_files(folder, root),
+        inputs=_specs(list(model.graph.input)),
+        outputs=_specs(list(model.graph.output)),
+        parameters=params,
+    )
+
+
+class ScratchDir:
+    """A temp folder inside the export's temp tree, removed on exit (torch may spill many files)."""
+
+    def __init__(self, root: Path) -> None:
+        self.path = Path(tempfile.mkdtemp(prefix=".scratch-", dir=root))
+
+    def __enter__(self) -> Path:
+        return self.path
+
+    def __exit__(self, *exc: object) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)

@@ -1,0 +1,222 @@
+"""The graph contract between export, engines, runtime and Triton.
+
+Every later stage reads ``manifest.json`` through this module instead of re-deriving tensor names,
+shapes or gate semantics from the graphs, so a change to the contract happens in exactly one place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+MANIFEST_NAME = "manifest.json"
+FORMAT_VERSION = 1
+
+# Graph keys; folder names follow optimum's layout (``<part>/model.onnx``).
+PREGATE = "unet_pregate"
+POSTGATE = "unet_postgate"
+TEXT_ENCODER = "text_encoder"
+VAE_DECODER = "vae_decoder"
+GRAPH_KEYS = (TEXT_ENCODER, PREGATE, POSTGATE, VAE_DECODER)
+
+# Tensor names of the two UNet graphs.
+SAMPLE = "sample"
+TIMESTEP = "timestep"
+PROMPT_EMBEDS = "prompt_embeds"
+NEGATIVE_PROMPT_EMBEDS = "negative_prompt_embeds"
+GUIDANCE_SCALE = "guidance_scale"
+NOISE_PRED = "noise_pred"
+
+# Symbolic dimension names shared by all graphs.
+BATCH = "batch"
+LATENT_H = "latent_height"
+LATENT_W = "latent_width"
+
+
+def cache_name(index: int) -> str:
+    """Name of the ``index``-th cache tensor: an output of the pre-gate, an input of the post-gate graph."""
+    return f"cache_{index:02d}"
+
+
+def hw_dim(level: int) -> str:
+    """Symbolic token-count dimension of a cache at latent downsample factor ``level``."""
+    return f"hw_x{level}"
+
+
+GATE_SEMANTICS = (
+    "steps i < gate_step run unet_pregate (CFG inside the graph: latents batch B are duplicated, "
+    "encoder states are [negative; prompt], noise = uncond + guidance_scale * (text - uncond)); "
+    "the cache_* outputs of step i == gate_step - 1 (each the mean of the CFG halves of one attn2 "
+    "output after to_out, shape [B, HW, C]) are kept; steps i >= gate_step run unet_postgate on batch "
+    "B with those caches and use its output directly as the noise prediction. gate_step >= steps is "
+    "plain CFG; gate_step <= 0 is invalid."
+)
+
+
+class ManifestError(RuntimeError):
+    """The export folder does not match its manifest (missing, corrupt or incompatible)."""
+
+
+@dataclass
+class TensorSpec:
+    name: str
+    dtype: str  # numpy dtype name: float32, float16, int64, int32
+    shape: list[int | str]  # str = symbolic dimension
+
+
+@dataclass
+class GraphSpec:
+    file: str  # path of model.onnx relative to the export folder
+    files: dict[str, str]  # every file of the graph (model + external data) -> sha256
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+    parameters: int = 0  # number of float weights in the graph
+
+    def input(self, name: str) -> TensorSpec:
+        return _find(self.inputs, name)
+
+    def output(self, name: str) -> TensorSpec:
+        return _find(self.outputs, name)
+
+
+@dataclass
+class CacheLayer:
+    index: int
+    name: str  # cache tensor name
+    module: str  # attn2 module path in the diffusers UNet
+    channels: int
+    level: int  # latent downsample factor: the cache has (latent_h / level) * (latent_w / level) tokens
+
+    def tokens(self, latent_h: int, latent_w: int) -> int:
+        return (latent_h // self.level) * (latent_w // self.level)
+
+
+@dataclass
+class Manifest:
+    source: dict[str, Any]
+    dtype: str
+    opset: int
+    graphs: dict[str, GraphSpec]
+    cache_layers: list[CacheLayer]
+    latent: dict[str, Any]  # channels, vae_scale_factor, scaling_factor, multiple (latent size divisor)
+    text: dict[str, Any]  # max_length, hidden_size, tokenizer folder
+    defaults: dict[str, Any]  # steps, gate_step, guidance_scale, height, width
+    scheduler: str  # folder holding scheduler_config.json
+    tools: dict[str, str]
+    gate: dict[str, Any] = field(default_factory=lambda: {"semantics": GATE_SEMANTICS, "cfg_in_graph": True})
+    validation: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)  # later stages' sections (e.g. engines)
+    format_version: int = FORMAT_VERSION
+
+    # --- serialisation -------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Manifest:
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ManifestError(
+                f"manifest format_version {data.get('format_version')!r} is not {FORMAT_VERSION}: "
+                "re-export the model with this version of tgate-trt"
+            )
+        data = dict(data)
+        data["graphs"] = {
+            k: GraphSpec(
+                **{
+                    **g,
+                    "inputs": [TensorSpec(**t) for t in g["inputs"]],
+                    "outputs": [TensorSpec(**t) for t in g["outputs"]],
+                }
+            )
+            for k, g in data["graphs"].items()
+        }
+        data["cache_layers"] = [CacheLayer(**c) for c in data["cache_layers"]]
+        return cls(**data)
+
+    def save(self, folder: str | os.PathLike[str]) -> Path:
+        path = Path(folder) / MANIFEST_NAME
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+        return path
+
+    @classmethod
+    def load(cls, folder: str | os.PathLike[str], verify: bool = True) -> Manifest:
+        """Read ``manifest.json``; with ``verify`` every file it names must exist with its sha256."""
+        folder = Path(folder)
+        path = folder / MANIFEST_NAME
+        if not folder.is_dir():
+            raise ManifestError(f"export folder {folder} does not exist: run tgate-export first")
+        if not path.is_file():
+            raise ManifestError(f"{folder} has no {MANIFEST_NAME}: it is not a tgate-export folder")
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise ManifestError(f"{path} is not valid JSON ({exc}): re-export the model") from exc
+        manifest = cls.from_dict(data)
+        if verify:
+            manifest.verify(folder)
+        return manifest
+
+    def verify(self, folder: str | os.PathLike[str], graphs: tuple[str, ...] | None = None) -> None:
+        """Check every graph file against its recorded sha256; the message names the bad file."""
+        folder = Path(folder)
+        for key in graphs or tuple(self.graphs):
+            for rel, digest in self.graphs[key].files.items():
+                file = folder / rel
+                if not file.is_file():
+                    raise ManifestError(f"{file} is missing (named by {MANIFEST_NAME}): re-export the model")
+                actual = sha256_file(file)
+                if actual != digest:
+                    raise ManifestError(
+                        f"{file} does not match its sha256 in {MANIFEST_NAME} "
+                        f"(expected {digest[:16]}..., found {actual[:16]}...): the file was modified or "
+                        "corrupted; re-export the model"
+                    )
+
+    # --- derived facts -------------------------------------------------------------------------
+    @property
+    def cache_names(self) -> list[str]:
+        return [c.name for c in self.cache_layers]
+
+    def latent_size(self, height: int, width: int) -> tuple[int, int]:
+        """Latent size for an image size, or a ValueError saying which sizes the graphs accept."""
+        factor = self.latent["vae_scale_factor"] * self.latent["multiple"]
+        if height <= 0 or width <= 0 or height % factor or width % factor:
+            raise ValueError(
+                f"height and width must be positive multiples of {factor} for this export, "
+                f"got {height}x{width}"
+            )
+        return height // self.latent["vae_scale_factor"], width // self.latent["vae_scale_factor"]
+
+
+def _find(specs: list[TensorSpec], name: str) -> TensorSpec:
+    for spec in specs:
+        if spec.name == name:
+            return spec
+    raise KeyError(f"no tensor named {name!r}; have {[s.name for s in specs]}")
+
+
+def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    """Write to a temp file beside ``path`` and rename, so readers never see half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as fh:
+            fh.write(text)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the file private
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
