@@ -317,7 +317,7 @@ def resolve_model(model: str, random_weights: bool = False, config: str | None =
     if path.is_file():
         if path.suffix not in CHECKPOINT_SUFFIXES:
             raise ModelLoadError(
-                f"{path} is not a checkpoint: single-file models must end in {' or '.join(CHECKPOINT_SUFFIXES)}"
+                f"{path} is not a checkpoint: single-file models end in {' or '.join(CHECKPOINT_SUFFIXES)}"
             )
         return SourceModel(_load_single_file(path, config), _source(str(path.resolve()), "single_file"))
     if path.suffix in CHECKPOINT_SUFFIXES or model.startswith((".", "/", "~")) or model.count("/") > 1:

@@ -128,7 +128,6 @@ def format_table(checks: list[Check]) -> str:
     header = f"{'graph':<15} {'case':<28} {'max abs diff':>13} {'tolerance':>11}  pass"
     lines = [header, "-" * len(header)]
     for c in checks:
-        lines.append(
-            f"{c.graph:<15} {c.case:<28} {c.max_abs_diff:>13.3e} {c.tolerance:>11.3e}  {'yes' if c.passed else 'NO'}"
-        )
+        verdict = "yes" if c.passed else "NO"
+        lines.append(f"{c.graph:<15} {c.case:<28} {c.max_abs_diff:>13.3e} {c.tolerance:>11.3e}  {verdict}")
     return "\n".join(lines)

@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Create .venv with the pinned stack. torch is installed first, by exact version, so that pip takes
+# the CPU wheel and no resolver pulls a multi-GB CUDA build. Idempotent: a second run is quick.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip
+python -m pip install -q "torch==2.13.0"
+python -m pip install -q -e ".[dev]"

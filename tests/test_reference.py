@@ -1,0 +1,94 @@
+"""The PyTorch T-GATE reference against the authors' ``tgate`` 1.0.0 package."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tgate_trt.export.models import build_tiny
+from tgate_trt.export.reference import tgate_reference
+from tgate_trt.export.tgate import GateState, TGateAttnProcessor, cross_attention_modules, install_tgate
+
+STEPS = 10
+
+
+def _authors(prompt: list[str], gate: int, seed: int) -> torch.Tensor:
+    tgate = pytest.importorskip("tgate", reason="the authors' tgate package (dev extra) is not installed")
+    pipe = tgate.TgateSDLoader(build_tiny())
+    return pipe.tgate(
+        prompt,
+        negative_prompt=[""] * len(prompt),
+        gate_step=gate,
+        num_inference_steps=STEPS,
+        sp_interval=1,
+        fi_interval=1,
+        warm_up=0,
+        generator=torch.Generator().manual_seed(seed),
+        output_type="latent",
+    ).images
+
+
+@pytest.mark.parametrize("gate", [3, 7])
+def test_reference_equals_authors_package(gate: int) -> None:
+    prompt = ["a red circle on the left", "a blue square"]
+    ours = tgate_reference(
+        build_tiny(),
+        prompt,
+        negative_prompt=[""] * 2,
+        num_inference_steps=STEPS,
+        gate_step=gate,
+        generator=torch.Generator().manual_seed(3),
+        output_type="pt",
+    )
+    theirs = _authors(prompt, gate, seed=3)
+    assert (ours.pregate_calls, ours.postgate_calls) == (gate, STEPS - gate)
+    assert (ours.latents - theirs).abs().max().item() <= 1e-4
+
+
+def test_gates_change_the_result_and_no_gate_is_plain_cfg() -> None:
+    """Gating must matter (else the equality above proves nothing), and gate >= steps is diffusers' CFG."""
+    from diffusers import StableDiffusionPipeline
+
+    def run(gate: int) -> torch.Tensor:
+        out = tgate_reference(
+            build_tiny(),
+            "a red circle",
+            num_inference_steps=STEPS,
+            gate_step=gate,
+            generator=torch.Generator().manual_seed(0),
+            output_type="pt",
+        )
+        return out.latents
+
+    g3, g7, plain = run(3), run(7), run(STEPS)
+    assert (g3 - g7).abs().max() > 1e-3
+    pipe = build_tiny()
+    assert isinstance(pipe, StableDiffusionPipeline)
+    expected = pipe(
+        "a red circle",
+        num_inference_steps=STEPS,
+        generator=torch.Generator().manual_seed(0),
+        output_type="latent",
+    ).images
+    assert (plain - expected).abs().max().item() <= 1e-5
+
+
+@pytest.mark.parametrize("gate", [0, -1])
+def test_reference_rejects_gate_below_one(gate: int) -> None:
+    with pytest.raises(ValueError, match="gate_step must be >= 1"):
+        tgate_reference(build_tiny(), "x", num_inference_steps=4, gate_step=gate)
+
+
+def test_processor_is_installed_with_set_attn_processor(tiny_pipe) -> None:
+    unet = tiny_pipe.unet
+    state, names = install_tgate(unet)
+    assert names == cross_attention_modules(unet) and len(names) == 7
+    procs = unet.attn_processors
+    gated = {k for k, v in procs.items() if isinstance(v, TGateAttnProcessor)}
+    assert gated == {f"{n}.processor" for n in names}  # attn2 only: attn1 is never gated
+    assert all(".attn2." in k for k in gated)
+    assert isinstance(state, GateState)
+    again, _ = install_tgate(unet)  # idempotent: both graph wrappers share one state
+    assert again is state
+    # forward is untouched: the Attention class still owns it
+    assert "forward" not in vars(dict(unet.named_modules())[names[0]])
