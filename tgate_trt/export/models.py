@@ -275,23 +275,38 @@ def _load_pretrained(ref: str, local: bool) -> Any:
 
 def _load_single_file(path: Path, config: str | None) -> Any:
     from diffusers import StableDiffusionPipeline
+    from diffusers.loaders.single_file_utils import SingleFileComponentError
 
-    if config is not None and Path(config).is_dir():
+    local = config is not None and Path(config).is_dir()
+    if local:
         check_diffusers_folder(Path(config))
+    mismatch = f"{path} does not match the architecture of {config or 'the config diffusers inferred'}"
     try:
-        return StableDiffusionPipeline.from_single_file(
+        pipe = StableDiffusionPipeline.from_single_file(
             str(path),
             config=config,
             safety_checker=None,
             requires_safety_checker=False,
-            local_files_only=config is not None and Path(config).is_dir(),
+            local_files_only=local,
         )
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, SingleFileComponentError) as exc:
         raise ModelLoadError(
-            f"could not load the checkpoint {path}: {exc}. A single-file checkpoint carries weights but "
-            "not the tokenizer or configs: offline, pass --config with a local diffusers folder of the "
-            "same architecture"
+            f"could not load the checkpoint {path}: {str(exc).rstrip('. ')}. A single-file checkpoint "
+            "carries weights but not the tokenizer or configs: offline, pass --config with a local "
+            "diffusers folder of the same architecture"
         ) from exc
+    except NotImplementedError as exc:  # accelerate can't move a model whose missing weights are still "meta"
+        raise ModelLoadError(f"{mismatch}: weights are missing ({exc})") from exc
+    # Weights the checkpoint lacks stay on the "meta" device without an error (seen for the text encoder).
+    missing = [
+        f"{name}.{key}"
+        for name in ("unet", "vae", "text_encoder")
+        for key, tensor in [*getattr(pipe, name).named_parameters(), *getattr(pipe, name).named_buffers()]
+        if tensor.is_meta
+    ]
+    if missing:
+        raise ModelLoadError(f"{mismatch}: it lacks {len(missing)} weight(s), e.g. {', '.join(missing[:3])}")
+    return pipe
 
 
 def resolve_model(model: str, random_weights: bool = False, config: str | None = None) -> SourceModel:

@@ -1,0 +1,83 @@
+"""``tgate-run``: generate an image from an export folder, with a progress bar and a timing table."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ..manifest import ManifestError
+from .pipeline import BACKENDS, MAX_STEPS, SCHEDULERS, TGatePipeline, format_timings
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="tgate-run", description="Run the T-GATE pipeline on an export folder.")
+    p.add_argument("export_dir", type=Path, help="folder written by tgate-export")
+    p.add_argument("prompt", help="what to draw")
+    p.add_argument("--negative", default=None, help="negative prompt")
+    p.add_argument("--steps", type=int, default=25, help=f"denoising steps, 1..{MAX_STEPS}")
+    p.add_argument("--gate", type=int, default=10, help="gate step (>= steps: no gating)")
+    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--batch", type=int, default=1, help="images per prompt")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--scheduler", default="ddim", choices=SCHEDULERS)
+    p.add_argument("--backend", default="ort", choices=BACKENDS)
+    p.add_argument("--out", type=Path, default=Path("image.png"), help="PNG path (index added for batch > 1)")
+    return p
+
+
+def _fail(msg: str) -> int:
+    print(f"tgate-run: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.batch < 1:
+        return _fail(f"--batch must be >= 1, got {args.batch}")
+    if args.out.suffix.lower() != ".png":
+        return _fail(f"--out must be a .png path, got {args.out}")
+    if not args.out.parent.exists():
+        return _fail(f"the folder of --out ({args.out.parent}) does not exist")
+    try:
+        pipe = TGatePipeline.from_export(args.export_dir, backend=args.backend)
+        prompts = [args.prompt] * args.batch
+        h = args.height or pipe.manifest.defaults["height"]
+        w = args.width or pipe.manifest.defaults["width"]
+        pipe.check(prompts, [args.negative or ""] * args.batch, args.steps, args.gate, args.guidance, h, w)
+    except (ManifestError, ValueError, NotImplementedError) as exc:
+        return _fail(str(exc))
+    with tqdm(total=args.steps, desc="denoise", unit="step", file=sys.stderr) as bar:
+        result = pipe(
+            prompts,
+            negative_prompt=args.negative,
+            num_inference_steps=args.steps,
+            gate_step=args.gate,
+            guidance_scale=args.guidance,
+            height=h,
+            width=w,
+            seed=args.seed,
+            scheduler=args.scheduler,
+            progress=lambda i: bar.update(1),
+        )
+    paths = (
+        [args.out]
+        if len(result.images) == 1
+        else [args.out.with_name(f"{args.out.stem}_{i}{args.out.suffix}") for i in range(len(result.images))]
+    )
+    for image, path in zip(result.images, paths, strict=True):
+        tmp = path.with_name(f".{path.name}.tmp")
+        image.save(tmp, format="PNG")
+        tmp.replace(path)
+    gate = f"gate {args.gate}" if args.gate < args.steps else "no gate"
+    print(f"{args.steps} steps, {gate}, seed {args.seed}, {w}x{h} -> {', '.join(map(str, paths))}")
+    print(format_timings(result.timings, result.calls))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,225 @@
+"""The T-GATE denoising loop over exported graphs: pre-gate engine with CFG, then post-gate engine.
+
+It reads only ``manifest.json`` and the files it names; schedulers come from diffusers, configured from
+the exported scheduler config, and noise from torch's generator so a seed gives the same image as the
+PyTorch reference.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from .. import manifest as mf
+from .engine import Engine, OrtEngine
+
+SCHEDULERS = ("ddim", "euler", "dpm++")
+BACKENDS = ("ort", "trt")
+MAX_STEPS = 1000
+
+
+def make_scheduler(name: str, folder: Path) -> Any:
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+
+    config = DDIMScheduler.load_config(str(folder))
+    if name == "ddim":
+        return DDIMScheduler.from_config(config)
+    if name == "euler":
+        return EulerDiscreteScheduler.from_config(config)
+    if name == "dpm++":
+        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
+    raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {name!r}")
+
+
+@dataclass
+class Result:
+    images: list[Any]  # PIL images
+    latents: np.ndarray  # final latents (before VAE scaling), float32
+    timings: dict[str, float]  # seconds per stage
+    calls: dict[str, int] = field(default_factory=dict)  # engine invocations this run
+
+
+def _as_list(prompt: str | list[str], what: str) -> list[str]:
+    prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+    if not prompts or any(not isinstance(p, str) for p in prompts):
+        raise ValueError(f"{what} must be a string or a non-empty list of strings")
+    return prompts
+
+
+class TGatePipeline:
+    def __init__(self, root: Path, manifest: mf.Manifest, engines: dict[str, Engine], tokenizer: Any) -> None:
+        self.root, self.manifest, self.engines, self.tokenizer = root, manifest, engines, tokenizer
+
+    @classmethod
+    def from_export(
+        cls, root: str | Path, backend: str = "ort", providers: list[str] | None = None, threads: int = 0
+    ) -> TGatePipeline:
+        """Load an export folder; every file is checked against its sha256 first."""
+        from transformers import CLIPTokenizer
+
+        if backend not in BACKENDS:
+            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        root = Path(root)
+        manifest = mf.Manifest.load(root, verify=True)
+        if backend == "trt":
+            raise NotImplementedError("the TensorRT backend needs engines built with tgate-build")
+        engines: dict[str, Engine] = {
+            key: OrtEngine(key, root / spec.file, spec, providers, threads)
+            for key, spec in manifest.graphs.items()
+        }
+        tokenizer = CLIPTokenizer.from_pretrained(str(root / manifest.text["tokenizer"]))
+        return cls(root, manifest, engines, tokenizer)
+
+    # --- checks, before any heavy work -----------------------------------------------------------
+    def check(
+        self,
+        prompts: list[str],
+        negatives: list[str],
+        steps: int,
+        gate_step: int,
+        guidance: float,
+        height: int,
+        width: int,
+    ) -> tuple[int, int]:
+        if any(not p.strip() for p in prompts):
+            raise ValueError("prompt is empty: pass a text describing the image")
+        if len(negatives) != len(prompts):
+            raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
+        if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
+            raise ValueError(f"num_inference_steps must be an integer in 1..{MAX_STEPS}, got {steps!r}")
+        if not isinstance(gate_step, int) or gate_step <= 0:
+            raise ValueError(
+                f"gate_step must be an integer >= 1 (got {gate_step!r}): the cache comes from the last CFG "
+                "step; use gate_step >= num_inference_steps for a plain CFG run"
+            )
+        if not np.isfinite(guidance):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance!r}")
+        self._check_static(len(prompts), height, width)
+        return self.manifest.latent_size(height, width)
+
+    def _check_static(self, batch: int, height: int, width: int) -> None:
+        """Graphs with fixed dimensions (engines built for one shape) say which shape they take."""
+        spec = self.manifest.graphs[mf.PREGATE].input(mf.SAMPLE)
+        factor = self.manifest.latent["vae_scale_factor"]
+        fixed_b, fixed_h, fixed_w = spec.shape[0], spec.shape[2], spec.shape[3]
+        if isinstance(fixed_b, int) and fixed_b != batch:
+            raise ValueError(f"these graphs take batch {fixed_b}, got {batch} prompts")
+        if isinstance(fixed_h, int) and (fixed_h * factor, fixed_w * factor) != (height, width):
+            raise ValueError(
+                f"these graphs take {fixed_h * factor}x{fixed_w * factor} images, got {height}x{width}"
+            )
+
+    # --- the run ---------------------------------------------------------------------------------
+    def encode(self, prompts: list[str]) -> Any:
+        ids = self.tokenizer(
+            prompts,
+            padding="max_length",
+            max_length=self.manifest.text["max_length"],
+            truncation=True,
+            return_tensors="np",
+        ).input_ids.astype(np.int64)
+        return self.engines[mf.TEXT_ENCODER]({"input_ids": ids})["last_hidden_state"]
+
+    def __call__(
+        self,
+        prompt: str | list[str],
+        negative_prompt: str | list[str] | None = None,
+        num_inference_steps: int = 25,
+        gate_step: int = 10,
+        guidance_scale: float = 7.5,
+        height: int | None = None,
+        width: int | None = None,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        scheduler: str = "ddim",
+        progress: Callable[[int], None] | None = None,
+    ) -> Result:
+        prompts = _as_list(prompt, "prompt")
+        negatives = (
+            [""] * len(prompts) if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
+        )
+        if len(negatives) == 1 and len(prompts) > 1:
+            negatives = negatives * len(prompts)
+        height = height or self.manifest.defaults["height"]
+        width = width or self.manifest.defaults["width"]
+        h, w = self.check(prompts, negatives, num_inference_steps, gate_step, guidance_scale, height, width)
+        sched = make_scheduler(scheduler, self.root / self.manifest.scheduler)
+        if generator is None:
+            generator = torch.Generator().manual_seed(seed if seed is not None else 0)
+        counts = {k: e.calls for k, e in self.engines.items()}
+        timings: dict[str, float] = {}
+        start = time.perf_counter()
+
+        te = self.engines[mf.TEXT_ENCODER]
+        embeds = te.numpy(self.encode(prompts + negatives))
+        batch = len(prompts)
+        timings["text_encoder"] = time.perf_counter() - start
+
+        pre, post = self.engines[mf.PREGATE], self.engines[mf.POSTGATE]
+        shape = (batch, self.manifest.latent["channels"], h, w)
+        from diffusers.utils.torch_utils import randn_tensor
+
+        latents = randn_tensor(shape, generator=generator, dtype=torch.float32) * sched.init_noise_sigma
+        sched.set_timesteps(num_inference_steps)
+        pre_feeds = {
+            mf.PROMPT_EMBEDS: pre.asarray(embeds[:batch], mf.PROMPT_EMBEDS),
+            mf.NEGATIVE_PROMPT_EMBEDS: pre.asarray(embeds[batch:], mf.NEGATIVE_PROMPT_EMBEDS),
+            mf.GUIDANCE_SCALE: pre.asarray(np.array([guidance_scale], np.float32), mf.GUIDANCE_SCALE),
+        }
+        caches: dict[str, Any] = {}
+        names = self.manifest.cache_names
+        timings["pregate"] = timings["postgate"] = 0.0
+        for i, t in enumerate(sched.timesteps):
+            step_start = time.perf_counter()
+            x = sched.scale_model_input(latents, t).numpy()
+            timestep = np.array([float(t)], np.float32)
+            if i < gate_step:
+                out = pre({mf.SAMPLE: pre.asarray(x, mf.SAMPLE), mf.TIMESTEP: timestep, **pre_feeds})
+                caches = {n: out[n] for n in names}  # only the last CFG step's are replayed
+                noise, engine, stage = out[mf.NOISE_PRED], pre, "pregate"
+            else:
+                out = post({mf.SAMPLE: post.asarray(x, mf.SAMPLE), mf.TIMESTEP: timestep, **caches})
+                noise, engine, stage = out[mf.NOISE_PRED], post, "postgate"
+            noise_t = torch.from_numpy(engine.numpy(noise).astype(np.float32))
+            latents = sched.step(noise_t, t, latents, return_dict=False)[0]
+            timings[stage] += time.perf_counter() - step_start
+            if progress:
+                progress(i)
+
+        vae_start = time.perf_counter()
+        vae = self.engines[mf.VAE_DECODER]
+        scaled = (latents / self.manifest.latent["scaling_factor"]).numpy()
+        image = vae.numpy(vae({"latent_sample": vae.asarray(scaled, "latent_sample")})["sample"])
+        images = to_pil(image.astype(np.float32))
+        timings["vae_decoder"] = time.perf_counter() - vae_start
+        timings["total"] = time.perf_counter() - start
+        calls = {k: e.calls - counts[k] for k, e in self.engines.items()}
+        return Result(images, latents.numpy(), timings, calls)
+
+
+def to_pil(image: np.ndarray) -> list[Any]:
+    """VAE output in [-1, 1], NCHW -> PIL images, rounded exactly as diffusers' image processor."""
+    from PIL import Image
+
+    arr = np.clip(image / 2 + 0.5, 0, 1).transpose(0, 2, 3, 1)
+    return [Image.fromarray((a * 255).round().astype(np.uint8)) for a in arr]
+
+
+def format_timings(timings: dict[str, float], calls: dict[str, int]) -> str:
+    rows = [
+        ("text encoder", "text_encoder", mf.TEXT_ENCODER),
+        ("pre-gate steps", "pregate", mf.PREGATE),
+        ("post-gate steps", "postgate", mf.POSTGATE),
+        ("VAE decoder", "vae_decoder", mf.VAE_DECODER),
+    ]
+    lines = [f"{'stage':<16} {'calls':>5} {'seconds':>9}", "-" * 32]
+    for label, key, graph in rows:
+        lines.append(f"{label:<16} {calls.get(graph, 0):>5} {timings.get(key, 0.0):>9.3f}")
+    lines.append(f"{'total':<16} {'':>5} {timings['total']:>9.3f}")
+    return "\n".join(lines)
