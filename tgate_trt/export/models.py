@@ -278,7 +278,7 @@ def _load_single_file(path: Path, config: str | None) -> Any:
     from diffusers.loaders.single_file_utils import SingleFileComponentError
 
     local = config is not None and Path(config).is_dir()
-    if local:
+    if config is not None and local:
         check_diffusers_folder(Path(config))
     mismatch = f"{path} does not match the architecture of {config or 'the config diffusers inferred'}"
     try:
