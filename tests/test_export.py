@@ -169,5 +169,7 @@ def test_external_data_is_one_file_and_hashed(tmp_path: Path, monkeypatch: pytes
 def test_local_diffusers_folder_exports(tmp_path: Path) -> None:
     pipe = build_tiny()
     pipe.save_pretrained(tmp_path / "folder")
-    manifest, checks = run_export(ExportRequest(str(tmp_path / "folder"), tmp_path / "out"))
+    out = tmp_path / "nested" / "out"  # missing parents are created
+    manifest, checks = run_export(ExportRequest(str(tmp_path / "folder"), out))
     assert manifest.source["kind"] == "folder" and all(c.passed for c in checks)
+    assert mf.Manifest.load(out).graphs.keys() == set(mf.GRAPH_KEYS)

@@ -66,8 +66,6 @@ def check_request(req: ExportRequest) -> None:
         raise ExportError(f"{out} exists and is not a folder: choose another --out")
     if out.is_dir() and any(out.iterdir()) and not req.force:
         raise ExportError(f"{out} is not empty: pass --force to replace it, or choose another --out")
-    if not out.parent.exists():
-        raise ExportError(f"the parent folder of {out} does not exist: create it first")
     arch = ARCHITECTURES.get(req.model) if req.model in ARCHITECTURES else None
     if arch is not None:
         _check_size(req, _multiple(arch["unet"], arch["vae"]))
@@ -182,6 +180,7 @@ def run_export(
     opts = ExportOptions(req.dtype, req.opset, req.height or default, req.width or default)
     pipe.to(opts.torch_dtype)
 
+    req.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{req.out.name}.tmp-", dir=req.out.parent))
     tmp.chmod(0o755)  # mkdtemp's 0700 would make the published folder private
     try:
