@@ -75,7 +75,7 @@ def test_gates_change_the_result_and_no_gate_is_plain_cfg() -> None:
 
 @pytest.mark.parametrize("gate", [0, -1])
 def test_reference_rejects_gate_below_one(gate: int) -> None:
-    with pytest.raises(ValueError, match="gate_step must be >= 1"):
+    with pytest.raises(ValueError, match="gate_step must be an integer >= 1"):
         tgate_reference(build_tiny(), "x", num_inference_steps=4, gate_step=gate)
 
 

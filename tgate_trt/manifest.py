@@ -58,6 +58,22 @@ GATE_SEMANTICS = (
 )
 
 
+MAX_STEPS = 1000
+
+
+def check_gate(num_inference_steps: int, gate_step: int) -> None:
+    """The gate rule every stage applies: a cache needs at least one CFG step before it."""
+    if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= MAX_STEPS:
+        raise ValueError(
+            f"num_inference_steps must be an integer in 1..{MAX_STEPS}, got {num_inference_steps!r}"
+        )
+    if not isinstance(gate_step, int) or gate_step <= 0:
+        raise ValueError(
+            f"gate_step must be an integer >= 1 (got {gate_step!r}): the cache comes from the last CFG "
+            "step; use gate_step >= num_inference_steps for a plain CFG run"
+        )
+
+
 class ManifestError(RuntimeError):
     """The export folder does not match its manifest (missing, corrupt or incompatible)."""
 

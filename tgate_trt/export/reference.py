@@ -11,18 +11,8 @@ from typing import Any
 
 import torch
 
+from ..manifest import check_gate
 from .tgate import PostGateUNet, PreGateUNet
-
-
-def check_gate(num_inference_steps: int, gate_step: int) -> None:
-    if num_inference_steps <= 0:
-        raise ValueError(f"num_inference_steps must be positive, got {num_inference_steps}")
-    if gate_step <= 0:
-        raise ValueError(
-            f"gate_step must be >= 1 (got {gate_step}): the cache comes from the last CFG step, so at "
-            "least one step must run with cross-attention; use gate_step >= num_inference_steps to "
-            "disable gating"
-        )
 
 
 @dataclass

@@ -21,7 +21,7 @@ from .engine import Engine, OrtEngine
 
 SCHEDULERS = ("ddim", "euler", "dpm++")
 BACKENDS = ("ort", "trt")
-MAX_STEPS = 1000
+MAX_STEPS = mf.MAX_STEPS
 
 
 def make_scheduler(name: str, folder: Path) -> Any:
@@ -91,13 +91,7 @@ class TGatePipeline:
             raise ValueError("prompt is empty: pass a text describing the image")
         if len(negatives) != len(prompts):
             raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
-        if not isinstance(steps, int) or not 1 <= steps <= MAX_STEPS:
-            raise ValueError(f"num_inference_steps must be an integer in 1..{MAX_STEPS}, got {steps!r}")
-        if not isinstance(gate_step, int) or gate_step <= 0:
-            raise ValueError(
-                f"gate_step must be an integer >= 1 (got {gate_step!r}): the cache comes from the last CFG "
-                "step; use gate_step >= num_inference_steps for a plain CFG run"
-            )
+        mf.check_gate(steps, gate_step)
         if not np.isfinite(guidance):
             raise ValueError(f"guidance_scale must be a finite number, got {guidance!r}")
         self._check_static(len(prompts), height, width)
