@@ -9,3 +9,6 @@ PY=${PYTHON:-python3}
 python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q -e ".[dev]"
+# Type stubs for checking the TensorRT code; --no-deps because their metadata pulls in the real
+# TensorRT, which can't be installed from PyPI alone.
+python -m pip install -q --no-deps "tensorrt-stubs==10.13.0.35.1"

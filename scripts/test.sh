@@ -5,4 +5,5 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 . .venv/bin/activate
 ruff check .
+bash scripts/typecheck_trt.sh
 python -m pytest -q "$@"

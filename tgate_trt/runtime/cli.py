@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> int:
         h = args.height or pipe.manifest.defaults["height"]
         w = args.width or pipe.manifest.defaults["width"]
         pipe.check(prompts, [args.negative or ""] * args.batch, args.steps, args.gate, args.guidance, h, w)
-    except (ManifestError, ValueError, NotImplementedError) as exc:
+    except (ManifestError, ValueError, RuntimeError) as exc:
         return _fail(str(exc))
     with tqdm(total=args.steps, desc="denoise", unit="step", file=sys.stderr) as bar:
         result = pipe(

@@ -67,12 +67,16 @@ class TGatePipeline:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         root = Path(root)
         manifest = mf.Manifest.load(root, verify=True)
+        engines: dict[str, Engine]
         if backend == "trt":
-            raise NotImplementedError("the TensorRT backend needs engines built with tgate-build")
-        engines: dict[str, Engine] = {
-            key: OrtEngine(key, root / spec.file, spec, providers, threads)
-            for key, spec in manifest.graphs.items()
-        }
+            from .trt_engine import load_engines  # TensorRT and CUDA are imported only here
+
+            engines = dict(load_engines(root))
+        else:
+            engines = {
+                key: OrtEngine(key, root / spec.file, spec, providers, threads)
+                for key, spec in manifest.graphs.items()
+            }
         tokenizer = CLIPTokenizer.from_pretrained(str(root / manifest.text["tokenizer"]))
         return cls(root, manifest, engines, tokenizer)
 

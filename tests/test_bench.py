@@ -1,0 +1,53 @@
+"""``tgate-bench`` on tiny: real runs of our variants, table, JSON and plot written."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tgate_trt.runtime.bench import main
+
+
+def test_bench_writes_table_json_and_plot(tiny_export: Path, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib", reason="matplotlib draws the bench plot")
+    out = tmp_path / "bench"
+    args = [
+        "--model",
+        "tiny",
+        "--export",
+        str(tiny_export),
+        "--height",
+        "64",
+        "--width",
+        "64",
+        "--steps",
+        "6",
+        "--gate",
+        "2",
+        "--runs",
+        "1",
+        "--variants",
+        "cde",
+        "--out",
+        str(out),
+    ]
+    assert main(args) == 0
+    data = json.loads((out / "bench.json").read_text())
+    by = {r["variant"]: r for r in data["results"]}
+    assert by["c"]["ok"] and by["d"]["ok"]
+    assert by["c"]["median"]["postgate"] == 0 and by["d"]["median"]["postgate"] > 0
+    assert not by["e"]["ok"] and "no standard unet/ graph" in by["e"]["error"]
+    assert "vs (c)" in (out / "bench.md").read_text()
+    assert Image.open(out / "bench.png").size[0] > 0
+    assert data["meta"]["settings"]["gate"] == "2"
+
+
+def test_bench_refuses_bad_input(tiny_export: Path, tmp_path: Path) -> None:
+    base = ["--export", str(tiny_export), "--out", str(tmp_path)]
+    assert main([*base, "--gate", "0"]) == 2
+    assert main([*base, "--height", "70"]) == 2
+    assert main([*base, "--variants", "xyz"]) == 2
+    assert main(["--export", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2

@@ -1,0 +1,219 @@
+"""Build TensorRT plans for every graph of an export folder.
+
+TensorRT is imported lazily: without it, ``build_engines`` raises ``TensorRTMissing`` (saying what to
+install) before anything is written. Plans are written atomically as ``<out>/<graph>.plan``; the last
+file written is ``<out>/engines.json``, the ``engines`` manifest section, so its presence means the
+build completed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+from .. import manifest as mf
+from .options import BuilderSettings, BuildOptions, apply_settings, builder_settings, save_timing_cache
+from .profiles import Profile, all_profiles, is_static
+
+ENGINES_JSON = "engines.json"
+SECTION_FORMAT = 1
+INSTALL_HINT = (
+    "pip install 'tgate-trt[tensorrt]' on the GPU host (tensorrt>=10.8, with polygraphy and "
+    "onnx-graphsurgeon); on Jetson use JetPack's TensorRT (apt install python3-libnvinfer)"
+)
+
+
+class TensorRTMissing(RuntimeError):
+    """The TensorRT builder (Python package ``tensorrt``) is not importable here."""
+
+
+def import_tensorrt() -> ModuleType:
+    """The real ``tensorrt`` module, or ``TensorRTMissing`` with the package to install.
+
+    ``tensorrt-stubs`` installs a ``tensorrt/`` folder holding only ``.pyi`` files, which Python imports
+    as an empty namespace package: that counts as missing too.
+    """
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        raise TensorRTMissing(f"TensorRT is not installed ({exc}): {INSTALL_HINT}") from exc
+    if not hasattr(trt, "Builder"):
+        raise TensorRTMissing(
+            f"the importable 'tensorrt' ({getattr(trt, '__path__', '?')}) has no Builder: only type stubs "
+            f"are installed, not TensorRT itself: {INSTALL_HINT}"
+        )
+    return trt
+
+
+def gpu_info() -> dict[str, str | None]:
+    """Name and compute capability of the current CUDA device, via torch (None when unknown)."""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            major, minor = torch.cuda.get_device_capability()
+            return {"name": torch.cuda.get_device_name(), "compute_capability": f"{major}.{minor}"}
+    except Exception:  # a CPU-only torch or a broken driver: the section says "unknown"
+        pass
+    return {"name": None, "compute_capability": None}
+
+
+def prepare_onnx(src: Path, work: Path, fold: bool = True) -> tuple[Path, list[str]]:
+    """Clean a graph for TensorRT: graphsurgeon cleanup + toposort, Polygraphy constant folding, shapes.
+
+    Always saved with external data and shape-inferred through the path API, so >2 GB UNets work.
+    Folding is skipped for weight-stripped plans: refitting matches weights by initializer name, and
+    folding would create weights that exist only in the folded copy instead of the shipped ONNX.
+    """
+    import onnx
+
+    steps: list[str] = []
+    model = onnx.load(str(src), load_external_data=True)
+    try:
+        import onnx_graphsurgeon as gs
+
+        graph = gs.import_onnx(model)
+        graph.cleanup().toposort()
+        model = gs.export_onnx(graph)
+        steps += ["graphsurgeon.cleanup", "graphsurgeon.toposort"]
+    except ImportError:
+        steps.append("skipped cleanup: onnx-graphsurgeon not installed")
+    if fold:
+        try:
+            from polygraphy.backend.onnx import fold_constants
+
+            model = fold_constants(model, error_ok=True)
+            steps.append("polygraphy.fold_constants")
+        except ImportError:
+            steps.append("skipped fold_constants: polygraphy not installed")
+    work.mkdir(parents=True, exist_ok=True)
+    dst = work / "model.onnx"
+    onnx.save_model(
+        model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True, location="model.onnx_data"
+    )
+    del model
+    onnx.shape_inference.infer_shapes_path(str(dst), str(dst))
+    steps.append("onnx.shape_inference")
+    return dst, steps
+
+
+def add_profile(builder: Any, config: Any, network: Any, profile: Profile, key: str) -> None:
+    """One optimization profile; every network input must have a shape from the manifest."""
+    names = {network.get_input(i).name for i in range(network.num_inputs)}
+    if names != set(profile):
+        raise RuntimeError(
+            f"{key}: the ONNX inputs {sorted(names)} differ from the manifest's {sorted(profile)}: re-export"
+        )
+    opt_profile = builder.create_optimization_profile()
+    for name, (mn, opt, mx) in profile.items():
+        opt_profile.set_shape(name, mn, opt, mx)
+    config.add_optimization_profile(opt_profile)
+
+
+def write_atomic(path: Path, data: bytes) -> str:
+    """Write ``data`` via a temp file and rename; returns its sha256."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return hashlib.sha256(data).hexdigest()
+
+
+def _build_one(
+    trt: Any,
+    builder: Any,
+    logger: Any,
+    settings: BuilderSettings,
+    onnx_path: Path,
+    profile: Profile,
+    key: str,
+) -> bytes:
+    config = builder.create_builder_config()
+    network = apply_settings(trt, builder, config, settings)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise RuntimeError(f"TensorRT's ONNX parser rejected {key} ({onnx_path}): {errors}")
+    add_profile(builder, config, network, profile, key)
+    plan = builder.build_serialized_network(network, config)
+    if plan is None:
+        raise RuntimeError(f"TensorRT could not build {key}: see the TensorRT log above")
+    save_timing_cache(config, settings)
+    return bytes(plan)
+
+
+def build_engines(
+    export_dir: str | os.PathLike[str],
+    out_dir: str | os.PathLike[str],
+    options: BuildOptions,
+    batch: int,
+    height: int,
+    width: int,
+    graphs: tuple[str, ...] | None = None,
+) -> dict[str, Any]:
+    """Build one plan per graph and return the ``engines`` section (also written to ``engines.json``).
+
+    Everything that can be checked without TensorRT (manifest, sizes, options) is checked first, then
+    TensorRT is imported; only then is ``out_dir`` created.
+    """
+    export_dir, out_dir = Path(export_dir), Path(out_dir)
+    manifest = mf.Manifest.load(export_dir, verify=True)
+    keys = graphs or tuple(manifest.graphs)
+    profiles = all_profiles(manifest, batch, height, width, options.dynamic, keys)
+    settings = builder_settings(options, manifest)
+    trt = import_tensorrt()
+    gpu = gpu_info()
+    cc = gpu["compute_capability"]
+    if options.hardware_compat == "ampere+" and cc is not None and float(cc) < 8.0:
+        raise ValueError(
+            f"--hardware-compat ampere+ needs an Ampere or newer GPU to build on; this is {gpu['name']} "
+            f"({cc})"
+        )
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".tgate-build-", dir=out_dir))
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    plans: dict[str, Any] = {}
+    try:
+        for key in keys:
+            spec = manifest.graphs[key]
+            onnx_path, steps = prepare_onnx(
+                export_dir / spec.file, work / key, fold=not options.strip_weights
+            )
+            data = _build_one(trt, builder, logger, settings, onnx_path, profiles[key], key)
+            digest = write_atomic(out_dir / f"{key}.plan", data)
+            plans[key] = {
+                "file": f"{key}.plan",
+                "sha256": digest,
+                "bytes": len(data),
+                "onnx": spec.file,  # refit source for weight-stripped plans (relative to the export)
+                "onnx_steps": steps,
+                "profile": {name: [list(s) for s in shapes] for name, shapes in profiles[key].items()},
+            }
+            shutil.rmtree(work / key, ignore_errors=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    section = {
+        "format": SECTION_FORMAT,
+        "tensorrt": str(trt.__version__),
+        "gpu": gpu,
+        "options": options.to_dict(),
+        "settings": settings.to_dict(),
+        "shape": {"batch": batch, "height": height, "width": width},
+        "static": all(is_static(p) for p in profiles.values()),
+        "plans": plans,
+    }
+    mf.atomic_write_text(out_dir / ENGINES_JSON, json.dumps(section, indent=2) + "\n")
+    return section
