@@ -1,0 +1,242 @@
+"""``tgate-analyze``: how fast does each ``attn2`` output converge over the denoising steps?
+
+T-GATE rests on the observation that cross-attention outputs stop changing after a few steps. This
+runs the plain CFG pipeline (no gating) through the same :class:`PreGateUNet` that becomes the pre-gate
+graph, so every step captures the CFG mean of every ``attn2`` output (the tensor a gate would cache),
+and records per layer and step ``i >= 1`` the relative change ``||a_i - a_{i-1}||_F / ||a_{i-1}||_F``,
+averaged over prompts. The suggested gate is the first step ``g`` from which the mean change stays
+below the threshold: the cache of step ``g - 1`` then differs little from every later step's output.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import tempfile
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..manifest import MAX_STEPS, atomic_write_text
+from .models import resolve_model
+from .tgate import PreGateUNet
+
+JSON_NAME, PNG_NAME = "convergence.json", "convergence.png"
+
+
+def suggest_gate(mean_curve: Sequence[float], threshold: float) -> int | None:
+    """First step ``g >= 1`` with ``mean_curve[i - 1] < threshold`` for every step ``i >= g``.
+
+    ``mean_curve[k]`` is the change at step ``k + 1``; ``None`` when the last step is still above.
+    """
+    gate = None
+    for step in range(len(mean_curve), 0, -1):
+        if not mean_curve[step - 1] < threshold:
+            break
+        gate = step
+    return gate
+
+
+def read_prompts(path: Path) -> list[str]:
+    if not path.is_file():
+        raise ValueError(f"prompt file {path} does not exist")
+    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    if not prompts:
+        raise ValueError(f"prompt file {path} has no prompts (one per line expected)")
+    return prompts
+
+
+@torch.no_grad()
+def convergence_curves(
+    pipe: Any,
+    prompts: list[str],
+    steps: int,
+    seed: int = 0,
+    guidance_scale: float = 7.5,
+    height: int | None = None,
+    width: int | None = None,
+    batch_size: int = 4,
+    progress: Callable[[], None] | None = None,
+) -> tuple[list[str], dict[str, list[float]], list[int]]:
+    """Per-layer relative change curves (length ``steps - 1``, mean over prompts) and the timesteps.
+
+    Prompt ``j`` gets its own generator seeded ``seed + j``, so results don't depend on batching.
+    """
+    height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
+    device = pipe._execution_device
+    pre = PreGateUNet(pipe.unet)
+    sums = {name: torch.zeros(steps - 1, dtype=torch.float64) for name in pre.names}
+    scale = torch.tensor([guidance_scale], dtype=torch.float32, device=device)
+    extra = pipe.prepare_extra_step_kwargs(None, 0.0)
+    timesteps: list[int] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = prompts[start : start + batch_size]
+        gens = [torch.Generator(device="cpu").manual_seed(seed + start + j) for j in range(len(chunk))]
+        text, negative = pipe.encode_prompt(chunk, device, 1, True)
+        pipe.scheduler.set_timesteps(steps, device=device)
+        timesteps = [int(t) for t in pipe.scheduler.timesteps]
+        latents = pipe.prepare_latents(
+            len(chunk), pipe.unet.config.in_channels, height, width, text.dtype, torch.device("cpu"), gens
+        ).to(device)
+        prev: tuple[torch.Tensor, ...] = ()
+        for i, t in enumerate(pipe.scheduler.timesteps):
+            x = pipe.scheduler.scale_model_input(latents, t)
+            noise, *caches = pre(x, t.reshape(1).to(torch.float32), text, negative, scale)
+            flat = tuple(c.float().flatten(1) for c in caches)
+            if i:
+                for name, a, b in zip(pre.names, flat, prev, strict=True):
+                    rel = (a - b).norm(dim=1) / b.norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+                    sums[name][i - 1] += rel.double().sum().cpu()
+            prev = flat
+            latents = pipe.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+            if progress:
+                progress()
+    curves = {name: (s / len(prompts)).tolist() for name, s in sums.items()}
+    return pre.names, curves, timesteps
+
+
+def mean_curve(curves: dict[str, list[float]]) -> list[float]:
+    return torch.tensor(list(curves.values()), dtype=torch.float64).mean(dim=0).tolist()
+
+
+def _atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            write(fh)
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def plot(report: dict[str, Any], path: Path) -> None:
+    """A thin curve per layer, the thick mean, the threshold line and the chosen gate."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 5), dpi=100)
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    xs, many = report["step_axis"], len(report["curves"]) > 24
+    for name, curve in report["curves"].items():
+        label = None if many else name.replace(".transformer_blocks", "").replace(".attentions", "")
+        ax.plot(xs, curve, linewidth=0.8, alpha=0.6, label=label)
+    ax.plot(xs, report["mean"], color="black", linewidth=2.5, label="mean")
+    ax.axhline(report["threshold"], color="red", linestyle="--", linewidth=1, label="threshold")
+    gate = report["gate"]
+    if gate is not None:
+        ax.axvline(gate, color="green", linestyle=":", linewidth=1.5, label=f"gate = {gate}")
+    values = [v for c in report["curves"].values() for v in c] + [report["threshold"]]
+    if all(v > 0 and math.isfinite(v) for v in values):
+        ax.set_yscale("log")
+    ax.set_xlabel("denoising step i")
+    ax.set_ylabel("||a_i - a_(i-1)|| / ||a_(i-1)||")
+    ax.set_title(f"attn2 convergence: {report['model']}, {report['steps']} steps, {len(report['prompts'])} prompt(s)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    fig.tight_layout()
+    _atomic_write_bytes(path, lambda fh: fig.savefig(fh, format="png"))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="tgate-analyze",
+        description="Record how much each attn2 output changes per denoising step (plain CFG run) and "
+        "suggest a T-GATE gate step.",
+    )
+    p.add_argument("--model", required=True, help="preset, local diffusers folder, checkpoint or hub id")
+    p.add_argument("--random-weights", action="store_true", help="a preset's architecture, random weights")
+    p.add_argument("--config", help="diffusers folder with configs + tokenizer for a single-file checkpoint")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompts", type=Path, help="text file, one prompt per line (blank lines skipped)")
+    src.add_argument("--prompt", help="a single prompt")
+    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--gate", type=int, help="gate step to mark on the plot (default: the suggestion)")
+    p.add_argument("--threshold", type=float, default=0.05, help="mean relative change counted as converged")
+    p.add_argument("--seed", type=int, default=0, help="prompt j uses seed + j")
+    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--height", type=int)
+    p.add_argument("--width", type=int)
+    p.add_argument("--batch-size", type=int, default=4, help="prompts per UNet batch")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--out", required=True, type=Path, help=f"folder for {JSON_NAME} and {PNG_NAME}")
+    return p
+
+
+def _check_args(args: argparse.Namespace) -> list[str]:
+    if not 2 <= args.steps <= MAX_STEPS:
+        raise ValueError(f"--steps must be in 2..{MAX_STEPS} (a change needs two steps), got {args.steps}")
+    if not (args.threshold > 0 and math.isfinite(args.threshold)):
+        raise ValueError(f"--threshold must be a positive number, got {args.threshold}")
+    if args.gate is not None and not 1 <= args.gate <= args.steps:
+        raise ValueError(f"--gate must be in 1..{args.steps}, got {args.gate}")
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.prompt is not None:
+        if not args.prompt.strip():
+            raise ValueError("--prompt is empty")
+        return [args.prompt]
+    return read_prompts(args.prompts)
+
+
+def main(argv: list[str] | None = None) -> int:
+    from tqdm import tqdm
+
+    args = build_parser().parse_args(argv)
+    try:
+        prompts = _check_args(args)
+        source = resolve_model(args.model, args.random_weights, args.config)
+    except (ValueError, OSError) as exc:  # ModelLoadError is a ValueError
+        print(f"tgate-analyze: error: {exc}", file=sys.stderr)
+        return 2
+    pipe = source.pipe.to(args.device)
+    pipe.set_progress_bar_config(disable=True)
+    n_batches = math.ceil(len(prompts) / args.batch_size)
+    with tqdm(total=n_batches * args.steps, desc="analyze", unit="step", file=sys.stderr) as bar:
+        names, curves, timesteps = convergence_curves(
+            pipe, prompts, args.steps, seed=args.seed, guidance_scale=args.guidance_scale,
+            height=args.height, width=args.width, batch_size=args.batch_size, progress=lambda: bar.update(1),
+        )  # fmt: skip
+    mean = mean_curve(curves)
+    suggested = suggest_gate(mean, args.threshold)
+    report = {
+        "model": args.model,
+        "source": source.source,
+        "steps": args.steps,
+        "seed": args.seed,
+        "guidance_scale": args.guidance_scale,
+        "threshold": args.threshold,
+        "suggested_gate": suggested,
+        "gate": args.gate if args.gate is not None else suggested,
+        "prompts": prompts,
+        "layers": names,
+        "step_axis": list(range(1, args.steps)),
+        "timesteps": timesteps,
+        "curves": curves,
+        "mean": mean,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out / JSON_NAME, json.dumps(report, indent=2) + "\n")
+    plot(report, args.out / PNG_NAME)
+    print(f"{'step':>4}  {'mean change':>11}")
+    for step, value in zip(report["step_axis"], mean, strict=True):
+        print(f"{step:>4}  {value:>11.4f}{'  <' if value < args.threshold else ''}")
+    if suggested is None:
+        print(f"no suggestion: the mean change is still >= {args.threshold} at the last step")
+    else:
+        print(f"suggested gate: {suggested} (mean change < {args.threshold} from step {suggested} on)")
+    print(f"wrote {args.out / JSON_NAME} and {args.out / PNG_NAME}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
