@@ -571,3 +571,18 @@ def test_build_and_run_tiny_engines_match_ort(tiny_export: Path, tmp_path: Path)
     b = pipe("a red circle", num_inference_steps=10, gate_step=4, seed=0)
     assert np.abs(a.latents - b.latents).max() < 1e-2
     assert b.calls[mf.PREGATE] == 4 and b.calls[mf.POSTGATE] == 6
+
+
+def test_export_with_engines_refuses_before_exporting_without_tensorrt(tmp_path: Path, capsys) -> None:
+    from tgate_trt.engines.build import TensorRTMissing, import_tensorrt
+    from tgate_trt.engines.cli import export_main
+
+    try:
+        import_tensorrt()
+        pytest.skip("TensorRT is installed: the missing-TensorRT path can't be shown here")
+    except TensorRTMissing:
+        pass
+    out = tmp_path / "exp"
+    assert export_main(["--model", "tiny", "--out", str(out), "--engines"]) == 2
+    assert "pip install 'tgate-trt[tensorrt]'" in capsys.readouterr().err
+    assert not out.exists() and list(tmp_path.iterdir()) == []

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ..manifest import ManifestError
-from .build import TensorRTMissing, build_engines
+from .build import TensorRTMissing, build_engines, import_tensorrt
 from .options import HARDWARE_COMPAT, BuildOptions, parse_range
 
 
@@ -91,6 +91,27 @@ def main(argv: list[str] | None = None) -> int:
         f"{width}x{height} batch {args.batch}"
     )
     return 0
+
+
+class _BuildAfterExport:
+    """``tgate-export --engines``: TensorRT is checked before the export starts, plans built after."""
+
+    def check(self) -> str | None:
+        try:
+            import_tensorrt()
+        except TensorRTMissing as exc:
+            return str(exc)
+        return None
+
+    def build(self, export_dir: Path) -> int:
+        return main([str(export_dir)])
+
+
+def export_main(argv: list[str] | None = None) -> int:
+    """Entry point of ``tgate-export``: the export stage's CLI with ``--engines`` wired in."""
+    from ..export.cli import main as export
+
+    return export(argv, engines=_BuildAfterExport())
 
 
 if __name__ == "__main__":

@@ -7,12 +7,23 @@ import signal
 import sys
 from pathlib import Path
 from types import FrameType
+from typing import Protocol
 
 from tqdm import tqdm
 
 from .exporter import DTYPES, MAX_OPSET, MIN_OPSET, STAGES, ExportError, ExportRequest, run_export
 from .models import PRESETS
 from .validate import format_table
+
+
+class EnginesHook(Protocol):
+    """What ``--engines`` needs from the engines stage, which may import export but not the reverse."""
+
+    def check(self) -> str | None:
+        """An error message when engines can't be built here (checked before any export work)."""
+
+    def build(self, export_dir: Path) -> int:
+        """Build engines for a finished export; returns an exit code."""
 
 
 def _terminate(signum: int, frame: FrameType | None) -> None:
@@ -43,11 +54,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--config", help="local diffusers folder with configs + tokenizer for a single-file checkpoint"
     )
     p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    p.add_argument(
+        "--engines", action="store_true", help="then build TensorRT engines into OUT/engines (GPU host)"
+    )
     return p
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, engines: EnginesHook | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.engines:
+        problem = "--engines needs the tgate-export command (the engines stage)" if engines is None else None
+        problem = problem or (engines.check() if engines else None)
+        if problem:
+            print(f"tgate-export: error: {problem}", file=sys.stderr)
+            return 2
     signal.signal(signal.SIGTERM, _terminate)
     req = ExportRequest(
         model=args.model,
@@ -82,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{len(manifest.cache_layers)} gated attn2 layers; UNet parameters "
         f"pre-gate {pre.parameters:,} -> post-gate {post.parameters:,}"
     )
+    if args.engines and engines is not None:
+        return engines.build(args.out)
     return 0
 
 
