@@ -1,0 +1,81 @@
+"""Per-call time of the two UNet graphs under ONNX Runtime settings (threads, graph optimisation level).
+
+Profiles what limits the ORT pipeline on a CPU: one warm-up and ``--runs`` timed calls per setting, on
+the same seeded inputs, all in one process so the settings compare side by side.
+
+    python scripts/profile_ort.py /tmp/sd15-random --height 256 --width 256
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from tgate_trt import manifest as mf
+
+LEVELS = {
+    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+}
+
+
+def feeds(m: mf.Manifest, key: str, lat_h: int, lat_w: int) -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    dims = {mf.BATCH: 1, mf.LATENT_H: lat_h, mf.LATENT_W: lat_w}
+    dims.update({mf.hw_dim(c.level): c.tokens(lat_h, lat_w) for c in m.cache_layers})
+    out = {}
+    for t in m.graphs[key].inputs:
+        shape = [dims[d] if isinstance(d, str) else d for d in t.shape]
+        out[t.name] = rng.standard_normal(shape).astype(t.dtype)
+    out[mf.TIMESTEP] = np.array([500.0], np.float32)
+    if mf.GUIDANCE_SCALE in out:
+        out[mf.GUIDANCE_SCALE] = np.array([7.5], np.float32)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("export", type=Path)
+    ap.add_argument("--height", type=int, default=256)
+    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--threads", default="0,1,2", help="intra-op thread counts (0: ORT default)")
+    ap.add_argument("--levels", default="basic,all")
+    ap.add_argument("--json", type=Path, default=Path("benchmarks/profile_ort.json"))
+    args = ap.parse_args()
+    m = mf.Manifest.load(args.export, verify=False)
+    lat_h, lat_w = m.latent_size(args.height, args.width)
+    rows = []
+    for key in (mf.PREGATE, mf.POSTGATE):
+        inputs = feeds(m, key, lat_h, lat_w)
+        for level in args.levels.split(","):
+            for threads in (int(t) for t in args.threads.split(",")):
+                opts = ort.SessionOptions()
+                opts.graph_optimization_level = LEVELS[level]
+                opts.intra_op_num_threads = threads
+                opts.log_severity_level = 3
+                sess = ort.InferenceSession(
+                    str(args.export / m.graphs[key].file), opts, providers=["CPUExecutionProvider"]
+                )
+                sess.run(None, inputs)
+                times = []
+                for _ in range(args.runs):
+                    start = time.perf_counter()
+                    sess.run(None, inputs)
+                    times.append(time.perf_counter() - start)
+                row = {"graph": key, "level": level, "threads": threads, "median_s": statistics.median(times)}
+                rows.append(row)
+                print(f"{key:<14} {level:<9} threads={threads}  {row['median_s']:.3f} s", flush=True)
+                del sess
+    args.json.write_text(json.dumps({"size": [args.height, args.width], "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
