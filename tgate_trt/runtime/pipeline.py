@@ -24,10 +24,10 @@ BACKENDS = ("ort", "trt")
 MAX_STEPS = mf.MAX_STEPS
 
 
-def make_scheduler(name: str, folder: Path) -> Any:
+def make_scheduler(name: str, config: dict[str, Any]) -> Any:
+    """A fresh scheduler per run (schedulers keep step state), from the export's config."""
     from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
 
-    config = DDIMScheduler.load_config(str(folder))
     if name == "ddim":
         return DDIMScheduler.from_config(config)
     if name == "euler":
@@ -54,7 +54,10 @@ def _as_list(prompt: str | list[str], what: str) -> list[str]:
 
 class TGatePipeline:
     def __init__(self, root: Path, manifest: mf.Manifest, engines: dict[str, Engine], tokenizer: Any) -> None:
+        from diffusers import DDIMScheduler
+
         self.root, self.manifest, self.engines, self.tokenizer = root, manifest, engines, tokenizer
+        self.scheduler_config = DDIMScheduler.load_config(str(root / manifest.scheduler))  # read once
 
     @classmethod
     def from_export(
@@ -147,7 +150,7 @@ class TGatePipeline:
         height = height or self.manifest.defaults["height"]
         width = width or self.manifest.defaults["width"]
         h, w = self.check(prompts, negatives, num_inference_steps, gate_step, guidance_scale, height, width)
-        sched = make_scheduler(scheduler, self.root / self.manifest.scheduler)
+        sched = make_scheduler(scheduler, self.scheduler_config)
         if generator is None:
             generator = torch.Generator().manual_seed(seed if seed is not None else 0)
         counts = {k: e.calls for k, e in self.engines.items()}
