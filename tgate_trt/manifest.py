@@ -21,8 +21,9 @@ FORMAT_VERSION = 1
 PREGATE = "unet_pregate"
 POSTGATE = "unet_postgate"
 TEXT_ENCODER = "text_encoder"
+TEXT_ENCODER_2 = "text_encoder_2"  # SDXL only; optional graphs are listed in ``Manifest.graphs``
 VAE_DECODER = "vae_decoder"
-GRAPH_KEYS = (TEXT_ENCODER, PREGATE, POSTGATE, VAE_DECODER)
+GRAPH_KEYS = (TEXT_ENCODER, PREGATE, POSTGATE, VAE_DECODER)  # the graphs every export has
 
 # Tensor names of the two UNet graphs.
 SAMPLE = "sample"
@@ -31,6 +32,11 @@ PROMPT_EMBEDS = "prompt_embeds"
 NEGATIVE_PROMPT_EMBEDS = "negative_prompt_embeds"
 GUIDANCE_SCALE = "guidance_scale"
 NOISE_PRED = "noise_pred"
+# SDXL's added conditioning (pooled text embeddings and micro-conditioning size ids).
+TEXT_EMBEDS = "text_embeds"
+NEGATIVE_TEXT_EMBEDS = "negative_text_embeds"
+TIME_IDS = "time_ids"
+NEGATIVE_TIME_IDS = "negative_time_ids"
 
 # Symbolic dimension names shared by all graphs.
 BATCH = "batch"
@@ -56,6 +62,77 @@ GATE_SEMANTICS = (
     "B with those caches and use its output directly as the noise prediction. gate_step >= steps is "
     "plain CFG; gate_step <= 0 is invalid."
 )
+
+
+GATE_SEMANTICS_GUIDANCE_FREE = (
+    "guidance-free model (no CFG): steps i < gate_step run unet_pregate on batch B with the prompt "
+    "embeddings alone; the cache_* outputs of step i == gate_step - 1 (each one attn2 output after "
+    "to_out, as-is, shape [B, HW, C]: nothing to average) are kept; steps i >= gate_step run "
+    "unet_postgate on the same batch B with those caches. gate_step >= steps is a plain run; "
+    "gate_step <= 0 is invalid."
+)
+ADDED_CONDITIONING_SEMANTICS = (
+    " Added conditioning (SDXL): unet_pregate takes text_embeds/time_ids for both CFG branches; "
+    "unet_postgate takes the negative branch's (negative_text_embeds, negative_time_ids) when the model "
+    "uses CFG, else the prompt's (text_embeds, time_ids)."
+)
+
+FAMILIES = ("sd", "sdxl", "lcm", "lcm-sdxl")
+
+
+@dataclass
+class ModelFamily:
+    """What kind of model the graphs hold; every stage reads this instead of re-deriving it.
+
+    ``family``: ``sd`` (SD-1.x/2.x: one text encoder, CFG), ``sdxl`` (two text encoders, pooled
+    ``text_embeds`` and ``time_ids`` as added conditioning, CFG), ``lcm`` / ``lcm-sdxl`` (guidance-free
+    latent-consistency models of either shape: no CFG, the cache is the attn2 output itself).
+    """
+
+    family: str = "sd"
+    cfg: bool = True  # CFG inside the pre-gate graph; False: batch B throughout, no averaging
+    added_conditioning: bool = False  # SDXL text_embeds + time_ids inputs
+    guidance_embedding: int | None = None  # UNet time_cond_proj_dim: guidance_scale enters as a w-embedding
+    prediction_type: str = "epsilon"  # what the UNet predicts (the scheduler config says the same)
+
+    def __post_init__(self) -> None:
+        if self.family not in FAMILIES:
+            raise ValueError(f"unknown model family {self.family!r}; known: {', '.join(FAMILIES)}")
+        if self.cfg and self.guidance_embedding is not None:
+            raise ValueError("a UNet with a guidance embedding (time_cond_proj_dim) is guidance-free: no CFG")
+
+    @property
+    def takes_guidance(self) -> bool:
+        """Whether ``guidance_scale`` is a graph input (CFG weight or the w-embedding's value)."""
+        return self.cfg or self.guidance_embedding is not None
+
+
+def conditioning_inputs(family: ModelFamily, postgate: bool) -> list[str]:
+    """Names of the conditioning inputs of one UNet graph, in graph order (after sample, timestep).
+
+    The pre-gate graph takes the text states (both CFG branches when ``cfg``); the post-gate graph
+    reads no text states at all, but SDXL's added conditioning and a guidance embedding still feed
+    its time embedding, so those stay. Which added conditioning it takes is in the names: the
+    negative branch's with CFG (as the authors' ``TgateSDXLLoader`` does), the prompt's without.
+    """
+    names: list[str] = []
+    if not postgate:
+        names += [PROMPT_EMBEDS, NEGATIVE_PROMPT_EMBEDS] if family.cfg else [PROMPT_EMBEDS]
+    if family.added_conditioning:
+        if postgate:
+            names += [NEGATIVE_TEXT_EMBEDS, NEGATIVE_TIME_IDS] if family.cfg else [TEXT_EMBEDS, TIME_IDS]
+        elif family.cfg:
+            names += [TEXT_EMBEDS, NEGATIVE_TEXT_EMBEDS, TIME_IDS, NEGATIVE_TIME_IDS]
+        else:
+            names += [TEXT_EMBEDS, TIME_IDS]
+    if family.guidance_embedding is not None or (family.cfg and not postgate):
+        names.append(GUIDANCE_SCALE)
+    return names
+
+
+def gate_semantics(family: ModelFamily) -> str:
+    text = GATE_SEMANTICS if family.cfg else GATE_SEMANTICS_GUIDANCE_FREE
+    return text + (ADDED_CONDITIONING_SEMANTICS if family.added_conditioning else "")
 
 
 MAX_STEPS = 1000
@@ -128,6 +205,7 @@ class Manifest:
     validation: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)  # later stages' sections (e.g. engines)
     format_version: int = FORMAT_VERSION
+    model: ModelFamily = field(default_factory=ModelFamily)  # absent in older manifests: SD
 
     # --- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -152,6 +230,7 @@ class Manifest:
             for k, g in data["graphs"].items()
         }
         data["cache_layers"] = [CacheLayer(**c) for c in data["cache_layers"]]
+        data["model"] = ModelFamily(**data.get("model", {}))
         return cls(**data)
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
@@ -197,6 +276,16 @@ class Manifest:
     @property
     def cache_names(self) -> list[str]:
         return [c.name for c in self.cache_layers]
+
+    @property
+    def text_encoders(self) -> list[dict[str, Any]]:
+        """Per text encoder graph: its tokenizer folder, the output the UNet reads, the pooled output."""
+        default = [{"graph": TEXT_ENCODER, "tokenizer": self.text["tokenizer"], "output": "last_hidden_state"}]
+        return list(self.text.get("encoders", default))
+
+    def encoder_batch(self, batch: int) -> int:
+        """Batch the text encoders run at: prompts and negatives together with CFG, prompts alone without."""
+        return 2 * batch if self.model.cfg else batch
 
     def latent_size(self, height: int, width: int) -> tuple[int, int]:
         """Latent size for an image size, or a ValueError saying which sizes the graphs accept."""

@@ -23,9 +23,15 @@ HW_PREFIX = "hw_x"
 _EXPR = re.compile(r"\s*(\w+)\s*(\*|//)\s*(\d+)\s*")
 
 
-def graph_batch(graph_key: str, batch: int) -> int:
-    """Batch the graph runs at: the text encoder encodes prompts and negatives together (2B)."""
-    return 2 * batch if graph_key == mf.TEXT_ENCODER else batch
+TEXT_ENCODER_KEYS = (mf.TEXT_ENCODER, mf.TEXT_ENCODER_2)
+
+
+def graph_batch(graph_key: str, batch: int, manifest: mf.Manifest | None = None) -> int:
+    """Batch the graph runs at: text encoders encode prompts and negatives together (2B) with CFG,
+    prompts alone (B) for guidance-free families (read from the manifest)."""
+    if graph_key not in TEXT_ENCODER_KEYS:
+        return batch
+    return manifest.encoder_batch(batch) if manifest is not None else 2 * batch
 
 
 def dim_value(
@@ -35,7 +41,7 @@ def dim_value(
     if isinstance(dim, int):
         return dim
     if dim in (mf.BATCH, BATCH_SIZE):
-        return graph_batch(graph_key, batch)
+        return graph_batch(graph_key, batch, manifest)
     if dim == SEQUENCE_LENGTH:
         return int(manifest.text["max_length"])
     if dim == mf.LATENT_H:

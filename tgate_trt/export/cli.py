@@ -1,4 +1,4 @@
-"""``tgate-export``: a diffusers SD pipeline -> two T-GATE UNet graphs + text encoder + VAE decoder."""
+"""``tgate-export``: a diffusers SD/SDXL/LCM pipeline -> two T-GATE UNet graphs + text encoder(s) + VAE decoder."""
 
 from __future__ import annotations
 
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None, engines: EnginesHook | None = None) -> i
     print(format_table(checks))
     pre, post = manifest.graphs["unet_pregate"], manifest.graphs["unet_postgate"]
     print(
-        f"\nexported {args.model} ({manifest.dtype}, opset {manifest.opset}) to {args.out}: "
+        f"\nexported {args.model} ({manifest.model.family}, {manifest.dtype}, opset {manifest.opset}) to {args.out}: "
         f"{len(manifest.cache_layers)} gated attn2 layers; UNet parameters "
         f"pre-gate {pre.parameters:,} -> post-gate {post.parameters:,}"
     )

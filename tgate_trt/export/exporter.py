@@ -15,18 +15,29 @@ from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from .. import manifest as mf
-from .graphs import ExportOptions, cache_layers, export_postgate, export_pregate, export_standard_parts
+from .families import FAMILY_DEFAULTS, detect_family, text_section
+from .graphs import (
+    ExportOptions,
+    cache_layers,
+    export_postgate,
+    export_pregate,
+    export_standard_parts,
+    text_encoder_keys,
+    vae_upcast,
+)
 from .models import ARCHITECTURES, ModelLoadError, SourceModel, resolve_model
 from .onnx_io import describe
 from .validate import Check, validate_export
 
 MIN_OPSET, MAX_OPSET = 18, 20  # >= 18 for TensorRT's LayerNorm mapping; 20 is the legacy exporter's max
 DTYPES = ("fp32", "fp16")
-DEFAULTS = {"steps": 25, "gate_step": 10, "guidance_scale": 7.5}
+DEFAULTS = FAMILY_DEFAULTS["sd"]
 STAGES = (
     "load model",
-    "text encoder + VAE decoder",
+    "text encoder(s) + VAE decoder",
     "pre-gate UNet",
     "post-gate UNet",
     "validate",
@@ -100,16 +111,20 @@ def _tool_versions() -> dict[str, str]:
     return out
 
 
-def _save_assets(pipe: Any, root: Path) -> None:
+def _save_assets(pipe: Any, root: Path, family: mf.ModelFamily) -> None:
     pipe.tokenizer.save_pretrained(root / "tokenizer")
     pipe.scheduler.save_pretrained(root / "scheduler")
     unet_cfg = json.dumps(dict(pipe.unet.config), indent=2, default=str)
-    for key, config in (
+    configs = [
         (mf.TEXT_ENCODER, pipe.text_encoder.config.to_json_string()),
         (mf.VAE_DECODER, json.dumps(dict(pipe.vae.config), indent=2, default=str)),
         (mf.PREGATE, unet_cfg),
         (mf.POSTGATE, unet_cfg),
-    ):
+    ]
+    if family.added_conditioning:
+        pipe.tokenizer_2.save_pretrained(root / "tokenizer_2")
+        configs.append((mf.TEXT_ENCODER_2, pipe.text_encoder_2.config.to_json_string()))
+    for key, config in configs:
         (root / key).mkdir(parents=True, exist_ok=True)
         (root / key / "config.json").write_text(config)
 
@@ -121,29 +136,34 @@ def build_manifest(
     params: dict[str, int],
     layers: list[mf.CacheLayer],
     checks: list[Check],
+    family: mf.ModelFamily | None = None,
 ) -> mf.Manifest:
     pipe = src.pipe
+    family = family or detect_family(pipe)
+    keys = [*text_encoder_keys(family), mf.PREGATE, mf.POSTGATE, mf.VAE_DECODER]
+    latent = {
+        "channels": pipe.unet.config.in_channels,
+        "vae_scale_factor": pipe.vae_scale_factor,
+        "scaling_factor": pipe.vae.config.scaling_factor,
+        "multiple": 2 ** (len(pipe.unet.config.block_out_channels) - 1),
+    }
+    if vae_upcast(pipe, family, opts):
+        latent["vae_decoder_dtype"] = "fp32"
+        latent["vae_decoder_note"] = "kept in fp32: this VAE overflows in fp16 (force_upcast)"
     return mf.Manifest(
         source=src.source,
         dtype=opts.dtype,
         opset=opts.opset,
-        graphs={k: describe(root / k, root, params[k]) for k in mf.GRAPH_KEYS},
+        graphs={k: describe(root / k, root, params[k]) for k in keys},
         cache_layers=layers,
-        latent={
-            "channels": pipe.unet.config.in_channels,
-            "vae_scale_factor": pipe.vae_scale_factor,
-            "scaling_factor": pipe.vae.config.scaling_factor,
-            "multiple": 2 ** (len(pipe.unet.config.block_out_channels) - 1),
-        },
-        text={
-            "tokenizer": "tokenizer",
-            "max_length": pipe.tokenizer.model_max_length,
-            "hidden_size": pipe.text_encoder.config.hidden_size,
-        },
-        defaults={**DEFAULTS, "height": opts.height, "width": opts.width},
+        latent=latent,
+        text=text_section(pipe, family),
+        defaults={**FAMILY_DEFAULTS[family.family], "height": opts.height, "width": opts.width},
         scheduler="scheduler",
         tools=_tool_versions(),
+        gate={"semantics": mf.gate_semantics(family), "cfg_in_graph": family.cfg},
         validation=[c.row() for c in checks],
+        model=family,
     )
 
 
@@ -174,26 +194,32 @@ def run_export(
     except ModelLoadError as exc:
         raise ExportError(str(exc)) from exc
     pipe = src.pipe
+    try:
+        family = detect_family(pipe)
+    except ModelLoadError as exc:
+        raise ExportError(str(exc)) from exc
     multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
     _check_size(req, multiple)
     default = pipe.unet.config.sample_size * pipe.vae_scale_factor
     opts = ExportOptions(req.dtype, req.opset, req.height or default, req.width or default)
     pipe.to(opts.torch_dtype)
+    if vae_upcast(pipe, family, opts):
+        pipe.vae.to(torch.float32)
 
     req.out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{req.out.name}.tmp-", dir=req.out.parent))
     tmp.chmod(0o755)  # mkdtemp's 0700 would make the published folder private
     try:
-        _save_assets(pipe, tmp)
+        _save_assets(pipe, tmp, family)
         stage(STAGES[1])
-        params = export_standard_parts(pipe, tmp, opts)
-        layers = cache_layers(pipe, opts)
+        params = export_standard_parts(pipe, tmp, opts, family)
+        layers = cache_layers(pipe, opts, family)
         stage(STAGES[2])
-        params[mf.PREGATE] = export_pregate(pipe, layers, tmp / mf.PREGATE, opts)
+        params[mf.PREGATE] = export_pregate(pipe, layers, tmp / mf.PREGATE, opts, family)
         stage(STAGES[3])
-        params[mf.POSTGATE] = export_postgate(pipe, layers, tmp / mf.POSTGATE, opts)
+        params[mf.POSTGATE] = export_postgate(pipe, layers, tmp / mf.POSTGATE, opts, family)
         stage(STAGES[4])
-        checks = validate_export(pipe, tmp, opts)
+        checks = validate_export(pipe, tmp, opts, family=family)
         failed = [c for c in checks if not c.passed]
         if failed:
             from .validate import format_table
@@ -203,7 +229,7 @@ def run_export(
                 f"written to {req.out}\n{format_table(checks)}"
             )
         stage(STAGES[5])
-        manifest = build_manifest(src, tmp, opts, params, layers, checks)
+        manifest = build_manifest(src, tmp, opts, params, layers, checks, family)
         manifest.extra.update(req.extra)
         manifest.save(tmp)
         _publish(tmp, req.out)

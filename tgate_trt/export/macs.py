@@ -39,7 +39,8 @@ def _dims(manifest: mf.Manifest, key: str, batch: int, lat_h: int, lat_w: int) -
         "latent_height": lat_h,
         "latent_width": lat_w,
     }
-    dims["batch_size"] = 2 * batch if key == mf.TEXT_ENCODER else batch  # prompts + negatives
+    # prompts + negatives with CFG, prompts alone for guidance-free families
+    dims["batch_size"] = manifest.encoder_batch(batch) if key in (mf.TEXT_ENCODER, mf.TEXT_ENCODER_2) else batch
     dims["sequence_length"] = manifest.text["max_length"]
     for layer in manifest.cache_layers:
         dims[mf.hw_dim(layer.level)] = layer.tokens(lat_h, lat_w)
@@ -124,9 +125,13 @@ class RunMacs:
 
     def calls(self, gate: int) -> dict[str, int]:
         g = min(gate, self.steps)
-        return {mf.TEXT_ENCODER: 1, mf.PREGATE: g, mf.POSTGATE: self.steps - g, mf.VAE_DECODER: 1}
+        calls = {mf.TEXT_ENCODER: 1, mf.PREGATE: g, mf.POSTGATE: self.steps - g, mf.VAE_DECODER: 1}
+        if mf.TEXT_ENCODER_2 in self.per_call:  # SDXL
+            calls[mf.TEXT_ENCODER_2] = 1
+        return calls
 
-    def total(self, gate: int, graphs: tuple[str, ...] = mf.GRAPH_KEYS) -> int:
+    def total(self, gate: int, graphs: tuple[str, ...] | None = None) -> int:
+        graphs = graphs or tuple(self.per_call)  # every graph counted (SDXL: both text encoders)
         return sum(self.per_call[k].total * n for k, n in self.calls(gate).items() if k in graphs)
 
     @property

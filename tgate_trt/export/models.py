@@ -17,12 +17,22 @@ from typing import Any
 
 import torch
 
+from .families import HUB_PRESETS, build_pipeline, load_pretrained, more_architectures
+
 PRESETS: dict[str, str | None] = {
     "tiny": None,  # built in-process
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sd21": "stabilityai/stable-diffusion-2-1",
+    "tiny-sd21": None,
+    "sdxl": HUB_PRESETS["sdxl"],
+    "tiny-sdxl": None,
+    "lcm-sd15": HUB_PRESETS["lcm-sd15"],
+    "tiny-lcm": None,
+    "lcm-sdxl": HUB_PRESETS["lcm-sdxl"],
+    "tiny-lcm-sdxl": None,
 }
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "LatentConsistencyModelPipeline")
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 
 
@@ -139,6 +149,7 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
         "scheduler": _SCHEDULER_SD,
     },
 }
+ARCHITECTURES.update(more_architectures(ARCHITECTURES))  # tiny-sd21, SDXL and LCM presets
 TINY_SEED = 0
 
 
@@ -179,6 +190,8 @@ def build_from_architecture(name: str, seed: int = TINY_SEED) -> Any:
     from transformers import CLIPTextConfig, CLIPTextModel
 
     arch = ARCHITECTURES[name]
+    if "pipeline" in arch:  # the families' presets (families.py)
+        return build_pipeline(name, arch, seed)
     tokenizer = char_tokenizer()
     text_config = CLIPTextConfig(
         **arch["text_encoder"],
@@ -239,16 +252,17 @@ def check_diffusers_folder(folder: Path) -> None:
         info = json.loads(index.read_text())
     except json.JSONDecodeError as exc:
         raise ModelLoadError(f"{index} is not valid JSON: {exc}") from exc
-    missing = [c for c in REQUIRED_COMPONENTS if c not in info or not (folder / c).is_dir()]
+    cls = info.get("_class_name", "")
+    required = REQUIRED_COMPONENTS + (("text_encoder_2", "tokenizer_2") if "XL" in cls else ())
+    missing = [c for c in required if c not in info or not (folder / c).is_dir()]
     if missing:
         raise ModelLoadError(
             f"{folder} is not a Stable Diffusion pipeline: missing component(s) {', '.join(missing)} "
-            f"(needs {', '.join(REQUIRED_COMPONENTS)})"
+            f"(needs {', '.join(required)})"
         )
-    cls = info.get("_class_name", "")
-    if "XL" in cls or "StableDiffusion" not in cls:
+    if cls not in SUPPORTED_PIPELINES:
         raise ModelLoadError(
-            f"{folder} holds a {cls or 'unknown'} pipeline; supported: StableDiffusionPipeline"
+            f"{folder} holds a {cls or 'unknown'} pipeline; supported: {', '.join(SUPPORTED_PIPELINES)}"
         )
 
 
@@ -260,10 +274,12 @@ def _offline_hint(what: str) -> str:
     )
 
 
-def _load_pretrained(ref: str, local: bool) -> Any:
+def _load_pretrained(ref: str, local: bool, preset: str | None = None) -> Any:
     from diffusers import StableDiffusionPipeline
 
     try:
+        if preset in HUB_PRESETS or (local and _pipeline_class(Path(ref)) != "StableDiffusionPipeline"):
+            return load_pretrained(ref, local, preset)
         return StableDiffusionPipeline.from_pretrained(
             ref, safety_checker=None, requires_safety_checker=False, local_files_only=local
         )
@@ -271,6 +287,10 @@ def _load_pretrained(ref: str, local: bool) -> Any:
         if local:
             raise ModelLoadError(f"could not load the diffusers folder {ref}: {exc}") from exc
         raise ModelLoadError(_offline_hint(repr(ref))) from exc
+
+
+def _pipeline_class(folder: Path) -> str:
+    return str(json.loads((folder / "model_index.json").read_text()).get("_class_name", ""))
 
 
 def _load_single_file(path: Path, config: str | None) -> Any:
@@ -320,11 +340,13 @@ def resolve_model(model: str, random_weights: bool = False, config: str | None =
         return SourceModel(build_from_architecture(model), _source(model, "preset", True))
     if model == "tiny":
         return SourceModel(build_tiny(), _source(model, "preset", True))
+    if model in ARCHITECTURES and PRESETS.get(model, "") is None:  # tiny-* variants, built in-process
+        return SourceModel(build_from_architecture(model), _source(model, "preset", True))
     if model in PRESETS:
         hub_id = PRESETS[model]
         assert hub_id is not None
         return SourceModel(
-            _load_pretrained(hub_id, local=False), {**_source(model, "preset"), "hub_id": hub_id}
+            _load_pretrained(hub_id, local=False, preset=model), {**_source(model, "preset"), "hub_id": hub_id}
         )
     if path.is_dir():
         check_diffusers_folder(path)

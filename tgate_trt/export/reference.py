@@ -11,7 +11,9 @@ from typing import Any
 
 import torch
 
+from .. import manifest as mf
 from ..manifest import check_gate
+from .families import detect_family
 from .tgate import PostGateUNet, PreGateUNet
 
 
@@ -21,6 +23,43 @@ class ReferenceOutput:
     images: Any  # PIL images, or a [B, 3, H, W] tensor in [0, 1] for output_type="pt"
     pregate_calls: int
     postgate_calls: int
+
+
+@torch.no_grad()
+def encode_conditioning(
+    pipe: Any,
+    family: mf.ModelFamily,
+    prompt: str | list[str],
+    negative_prompt: str | list[str] | None,
+    guidance_scale: float,
+    height: int,
+    width: int,
+) -> dict[str, torch.Tensor]:
+    """Every conditioning input of the two UNet graphs, named as in the graphs, via diffusers' own
+    ``encode_prompt`` (so SDXL's zeroed empty negative and penultimate-layer states come for free)."""
+    device = pipe._execution_device
+    out = {mf.GUIDANCE_SCALE: torch.tensor([guidance_scale], dtype=torch.float32, device=device)}
+    if family.added_conditioning:
+        embeds, negative, pooled, negative_pooled = pipe.encode_prompt(
+            prompt=prompt,
+            device=device,
+            num_images_per_prompt=1,
+            do_classifier_free_guidance=family.cfg,
+            negative_prompt=negative_prompt,
+        )
+        ids = pipe._get_add_time_ids(
+            (height, width),
+            (0, 0),
+            (height, width),
+            dtype=torch.float32,
+            text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim,
+        ).repeat(embeds.shape[0], 1)
+        out.update({mf.TEXT_EMBEDS: pooled, mf.TIME_IDS: ids, mf.NEGATIVE_TIME_IDS: ids})
+        out[mf.NEGATIVE_TEXT_EMBEDS] = negative_pooled
+    else:
+        embeds, negative = pipe.encode_prompt(prompt, device, 1, family.cfg, negative_prompt)
+    out.update({mf.PROMPT_EMBEDS: embeds, mf.NEGATIVE_PROMPT_EMBEDS: negative})
+    return {k: v for k, v in out.items() if v is not None}
 
 
 @torch.no_grad()
@@ -37,39 +76,44 @@ def tgate_reference(
     latents: torch.Tensor | None = None,
     eta: float = 0.0,
     output_type: str = "pil",
+    family: mf.ModelFamily | None = None,
 ) -> ReferenceOutput:
-    """Run T-GATE V1: CFG with cross-attention for ``gate_step`` steps, then cached attn2, no CFG."""
+    """Run T-GATE V1: cross-attention (CFG when the family has it) for ``gate_step`` steps, then the
+    cached attn2 outputs with no CFG. ``family`` defaults to the one the pipeline implies."""
     check_gate(num_inference_steps, gate_step)
+    family = family or detect_family(pipe)
     height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
     width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
     device = pipe._execution_device
     batch = 1 if isinstance(prompt, str) else len(prompt)
-    prompt_embeds, negative_embeds = pipe.encode_prompt(prompt, device, 1, True, negative_prompt)
+    feeds = encode_conditioning(pipe, family, prompt, negative_prompt, guidance_scale, height, width)
     pipe.scheduler.set_timesteps(num_inference_steps, device=device)
     latents = pipe.prepare_latents(
         batch,
         pipe.unet.config.in_channels,
         height,
         width,
-        prompt_embeds.dtype,
+        feeds[mf.PROMPT_EMBEDS].dtype,
         device,
         generator,
         latents,
     )
     extra = pipe.prepare_extra_step_kwargs(generator, eta)
-    pre, post = PreGateUNet(pipe.unet), PostGateUNet(pipe.unet)
-    scale = torch.tensor([guidance_scale], dtype=torch.float32, device=device)
-    caches: tuple[torch.Tensor, ...] = ()
+    pre, post = PreGateUNet(pipe.unet, family), PostGateUNet(pipe.unet, family)
+    pre_feeds = {n: feeds[n] for n in mf.conditioning_inputs(family, postgate=False)}
+    post_feeds = {n: feeds[n] for n in mf.conditioning_inputs(family, postgate=True)}
+    caches: dict[str, torch.Tensor] = {}
     counts = [0, 0]
     for i, t in enumerate(pipe.progress_bar(pipe.scheduler.timesteps)):
         x = pipe.scheduler.scale_model_input(latents, t)
         timestep = t.reshape(1).to(torch.float32)
         if i < gate_step:
-            noise, *cache_list = pre(x, timestep, prompt_embeds, negative_embeds, scale)
-            caches = tuple(cache_list)  # only the last CFG step's caches are ever replayed
+            noise, *cache_list = pre(x, timestep, **pre_feeds)
+            # only the last step's caches before the gate are ever replayed
+            caches = {mf.cache_name(j): c for j, c in enumerate(cache_list)}
             counts[0] += 1
         else:
-            noise = post(x, timestep, *caches)
+            noise = post(x, timestep, **post_feeds, **caches)
             counts[1] += 1
         latents = pipe.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
     images = decode_latents(pipe, latents, output_type)

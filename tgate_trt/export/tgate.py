@@ -14,6 +14,8 @@ from typing import Any, Literal
 import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
+from .. import manifest as mf
+
 Mode = Literal["compute", "capture", "replay"]
 
 
@@ -107,55 +109,131 @@ def remove_tgate(unet: Any) -> None:
     unet.set_attn_processor({k: _base_processor(v) for k, v in unet.attn_processors.items()})
 
 
-class PreGateUNet(torch.nn.Module):
-    """The UNet for steps before the gate: CFG inside, plus every attn2's CFG-mean as an output.
+def _bind(names: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Positional (as the ONNX exporter calls) or keyword inputs -> one dict by graph input name."""
+    if len(args) > len(names):
+        raise ValueError(f"expected at most {len(names)} inputs ({', '.join(names)}), got {len(args)}")
+    bound = dict(zip(names, args, strict=False))
+    for key, value in kwargs.items():
+        if key not in names or key in bound:
+            raise TypeError(f"unexpected or repeated input {key!r}; inputs are {', '.join(names)}")
+        bound[key] = value
+    missing = [n for n in names if n not in bound]
+    if missing:
+        raise ValueError(f"missing input(s) {', '.join(missing)}")
+    return bound
+
+
+def _family(unet: Any, family: mf.ModelFamily | None) -> mf.ModelFamily:
+    """The family given, or the one the UNet's config alone implies (LCM-LoRA needs it given)."""
+    if family is not None:
+        return family
+    cfg = unet.config
+    sdxl = cfg.get("addition_embed_type") == "text_time"
+    embedding = cfg.get("time_cond_proj_dim")
+    if embedding is not None:
+        return mf.ModelFamily("lcm-sdxl" if sdxl else "lcm", False, sdxl, embedding)
+    return mf.ModelFamily("sdxl" if sdxl else "sd", True, sdxl)
+
+
+class _GatedUNet(torch.nn.Module):
+    """Shared by both halves: the family's input names and the UNet's non-text conditioning."""
+
+    postgate = False
+
+    def __init__(self, unet: Any, family: mf.ModelFamily | None = None) -> None:
+        super().__init__()
+        self.unet = unet
+        self.family = _family(unet, family)
+        self.state, self.names = install_tgate(unet)
+        self.conditioning = mf.conditioning_inputs(self.family, self.postgate)
+
+    def _extra(self, x: dict[str, torch.Tensor], batch: int, dtype: torch.dtype, cfg: bool) -> dict[str, Any]:
+        """``timestep_cond`` (LCM's guidance embedding) and ``added_cond_kwargs`` (SDXL), or nothing."""
+        from .families import guidance_embedding
+
+        extra: dict[str, Any] = {}
+        if self.family.guidance_embedding is not None:
+            extra["timestep_cond"] = guidance_embedding(
+                x[mf.GUIDANCE_SCALE], batch, self.family.guidance_embedding, dtype
+            )
+        if self.family.added_conditioning:
+            if cfg:  # both branches, negative first as the latents and states are
+                embeds = torch.cat([x[mf.NEGATIVE_TEXT_EMBEDS], x[mf.TEXT_EMBEDS]])
+                ids = torch.cat([x[mf.NEGATIVE_TIME_IDS], x[mf.TIME_IDS]])
+            elif self.postgate and self.family.cfg:  # after the gate: the negative branch's, as the authors
+                embeds, ids = x[mf.NEGATIVE_TEXT_EMBEDS], x[mf.NEGATIVE_TIME_IDS]
+            else:
+                embeds, ids = x[mf.TEXT_EMBEDS], x[mf.TIME_IDS]
+            extra["added_cond_kwargs"] = {"text_embeds": embeds, "time_ids": ids}
+        return extra
+
+
+class PreGateUNet(_GatedUNet):
+    """The UNet for steps before the gate: every attn2 output (CFG mean, or as-is without CFG) is an output.
 
     CFG lives in the graph so both graphs share one interface (latents ``[B, 4, h, w]`` in, noise
     prediction ``[B, 4, h, w]`` out), the cache mean needs the CFG batch layout anyway, and an engine
-    runs the duplication and guidance without extra host round trips.
+    runs the duplication and guidance without extra host round trips. Guidance-free families run batch
+    ``B`` and keep each output as it is.
     """
 
-    def __init__(self, unet: Any) -> None:
-        super().__init__()
-        self.unet = unet
-        self.state, self.names = install_tgate(unet)
+    @property
+    def input_names(self) -> list[str]:
+        return [mf.SAMPLE, mf.TIMESTEP, *self.conditioning]
 
-    def forward(
-        self,
-        sample: torch.Tensor,
-        timestep: torch.Tensor,
-        prompt_embeds: torch.Tensor,
-        negative_prompt_embeds: torch.Tensor,
-        guidance_scale: torch.Tensor,
-    ) -> tuple[torch.Tensor, ...]:
-        self.state.mode, self.state.cfg, self.state.cache, self.state.order = "capture", True, {}, []
-        latents = torch.cat([sample, sample])
-        states = torch.cat([negative_prompt_embeds, prompt_embeds])
-        out = self.unet(latents, timestep, encoder_hidden_states=states, return_dict=False)[0]
-        uncond, text = out.chunk(2)
-        scale = guidance_scale.to(out.dtype)
-        noise = uncond + scale * (text - uncond)
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x = _bind(self.input_names, args, kwargs)
+        cfg = self.family.cfg
+        self.state.mode, self.state.cfg, self.state.cache, self.state.order = "capture", cfg, {}, []
+        sample = x[mf.SAMPLE]
+        if cfg:
+            latents = torch.cat([sample, sample])
+            states = torch.cat([x[mf.NEGATIVE_PROMPT_EMBEDS], x[mf.PROMPT_EMBEDS]])
+        else:
+            latents, states = sample, x[mf.PROMPT_EMBEDS]
+        extra = self._extra(x, sample.shape[0], sample.dtype, cfg)
+        out = self.unet(latents, x[mf.TIMESTEP], encoder_hidden_states=states, return_dict=False, **extra)[0]
+        if cfg:
+            uncond, text = out.chunk(2)
+            scale = x[mf.GUIDANCE_SCALE].to(out.dtype)
+            out = uncond + scale * (text - uncond)
         caches = tuple(self.state.cache[n] for n in self.names)
         self.state.cache = {}
-        return (noise, *caches)
+        return (out, *caches)
 
 
-class PostGateUNet(torch.nn.Module):
-    """The UNet for steps after the gate: no text input, every attn2 replays its cache, batch ``B``."""
+class PostGateUNet(_GatedUNet):
+    """The UNet for steps after the gate: no text states, every attn2 replays its cache, batch ``B``.
 
-    def __init__(self, unet: Any) -> None:
-        super().__init__()
-        self.unet = unet
-        self.state, self.names = install_tgate(unet)
+    SDXL's added conditioning and LCM's guidance embedding still feed the time embedding, so they stay
+    inputs (the negative branch's added conditioning when the model uses CFG).
+    """
+
+    postgate = True
+
+    def __init__(self, unet: Any, family: mf.ModelFamily | None = None) -> None:
+        super().__init__(unet, family)
         self.cross_dim = unet.config.cross_attention_dim
 
-    def forward(self, sample: torch.Tensor, timestep: torch.Tensor, *caches: torch.Tensor) -> torch.Tensor:
-        if len(caches) != len(self.names):
-            raise ValueError(f"expected {len(self.names)} cache tensors, got {len(caches)}")
+    @property
+    def input_names(self) -> list[str]:
+        return [mf.SAMPLE, mf.TIMESTEP, *self.conditioning, *map(mf.cache_name, range(len(self.names)))]
+
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
+        if len(args) + len(kwargs) != len(self.input_names):
+            raise ValueError(
+                f"expected {len(self.input_names)} inputs ({len(self.names)} cache tensors), "
+                f"got {len(args) + len(kwargs)}"
+            )
+        x = _bind(self.input_names, args, kwargs)
+        caches = [x[mf.cache_name(i)] for i in range(len(self.names))]
         self.state.mode, self.state.cache = "replay", dict(zip(self.names, caches, strict=True))
+        sample = x[mf.SAMPLE]
         # Nothing reads the encoder states once every attn2 replays; a 1-token placeholder satisfies
         # the UNet's signature and is dead code in the exported graph.
         unused = sample.new_zeros(sample.shape[0], 1, self.cross_dim)
-        out = self.unet(sample, timestep, encoder_hidden_states=unused, return_dict=False)[0]
+        extra = self._extra(x, sample.shape[0], sample.dtype, cfg=False)
+        out = self.unet(sample, x[mf.TIMESTEP], encoder_hidden_states=unused, return_dict=False, **extra)[0]
         self.state.cache = {}
         return out

@@ -15,7 +15,8 @@ import numpy as np
 import torch
 
 from .. import manifest as mf
-from .graphs import ExportOptions, unet_example
+from .families import detect_family
+from .graphs import ExportOptions, postgate_example, text_encoder_keys, unet_example, vae_upcast
 from .tgate import PostGateUNet, PreGateUNet
 
 # Tolerance on max |ort - torch|: atol + rtol * max |torch| (same dtype on both sides).
@@ -62,65 +63,81 @@ def _np(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in tensors.items()}
 
 
+def _check_text_encoders(
+    pipe: Any, root: Path, family: mf.ModelFamily, dtype: str, step: Callable[[str], None]
+) -> list[Check]:
+    """Every text encoder graph against PyTorch on the outputs the runtime reads (all of optimum's)."""
+    checks = []
+    for key in text_encoder_keys(family):
+        step(f"validate {key.replace('_', ' ')}")
+        tokenizer = pipe.tokenizer_2 if key == mf.TEXT_ENCODER_2 else pipe.tokenizer
+        encoder = getattr(pipe, key)
+        sess = _session(root / key / "model.onnx")
+        ids = tokenizer(
+            VALIDATION_PROMPTS,
+            padding="max_length",
+            max_length=tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids
+        names = [o.name for o in sess.get_outputs()]
+        with torch.no_grad():
+            ref = encoder(ids, output_hidden_states=any(n.startswith("hidden_states.") for n in names))
+        want = [
+            ref.hidden_states[int(n.split(".")[1])] if n.startswith("hidden_states.") else getattr(ref, n)
+            for n in names
+        ]
+        got = sess.run(names, {"input_ids": ids.numpy()})
+        checks.append(_compare(key, "2 prompts", got, want, dtype))
+    return checks
+
+
 def validate_export(
-    pipe: Any, root: Path, opts: ExportOptions, progress: Callable[[str], None] | None = None
+    pipe: Any,
+    root: Path,
+    opts: ExportOptions,
+    progress: Callable[[str], None] | None = None,
+    family: mf.ModelFamily | None = None,
 ) -> list[Check]:
     """Run every graph in ORT and PyTorch; returns one :class:`Check` per graph and case."""
+    family = family or detect_family(pipe)
     multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
     cases = [
         ("batch 2", 2, opts.height, opts.width),
         ("batch 1, larger", 1, opts.height + multiple, opts.width + 2 * multiple),
     ]
-    checks: list[Check] = []
-    dt = opts.torch_dtype
 
     def step(msg: str) -> None:
         if progress:
             progress(msg)
 
-    step("validate text encoder")
-    sess = _session(root / mf.TEXT_ENCODER / "model.onnx")
-    ids = pipe.tokenizer(
-        VALIDATION_PROMPTS,
-        padding="max_length",
-        max_length=pipe.tokenizer.model_max_length,
-        truncation=True,
-        return_tensors="pt",
-    ).input_ids
-    with torch.no_grad():
-        ref = pipe.text_encoder(ids)
-    got = sess.run(["last_hidden_state", "pooler_output"], {"input_ids": ids.numpy()})
-    checks.append(
-        _compare(mf.TEXT_ENCODER, "2 prompts", got, [ref.last_hidden_state, ref.pooler_output], opts.dtype)
-    )
-
-    pre, post = PreGateUNet(pipe.unet), PostGateUNet(pipe.unet)
+    checks = _check_text_encoders(pipe, root, family, opts.dtype, step)
+    pre, post = PreGateUNet(pipe.unet, family), PostGateUNet(pipe.unet, family)
     sess_pre = _session(root / mf.PREGATE / "model.onnx")
     sess_post = _session(root / mf.POSTGATE / "model.onnx")
     sess_vae = _session(root / mf.VAE_DECODER / "model.onnx")
+    vae_dtype = "fp32" if vae_upcast(pipe, family, opts) else opts.dtype
     for name, batch, h, w in cases:
         case = f"{name} {h}x{w}"
         step(f"validate UNet graphs ({case})")
-        inputs = unet_example(pipe, ExportOptions(opts.dtype, opts.opset, h, w), batch=batch, seed=1)
+        inputs = unet_example(pipe, ExportOptions(opts.dtype, opts.opset, h, w), batch=batch, seed=1, family=family)
         with torch.no_grad():
             ref_pre = list(pre(**inputs))
         got_pre = sess_pre.run(None, _np(inputs))
         checks.append(_compare(mf.PREGATE, case, got_pre, ref_pre, opts.dtype))
         # The post-gate graph replays the PyTorch caches, as the pipeline replays the graph's own.
-        caches = ref_pre[1:]
-        post_inputs = {mf.SAMPLE: inputs[mf.SAMPLE], mf.TIMESTEP: torch.tensor([250.0])}
-        post_inputs.update({mf.cache_name(i): c for i, c in enumerate(caches)})
+        post_inputs = postgate_example(pipe, inputs, ref_pre[1:], family)
         with torch.no_grad():
-            ref_post = post(post_inputs[mf.SAMPLE], post_inputs[mf.TIMESTEP], *caches)
+            ref_post = post(**post_inputs)
         got_post = sess_post.run(None, _np(post_inputs))
         checks.append(_compare(mf.POSTGATE, case, got_post, [ref_post], opts.dtype))
 
         step(f"validate VAE decoder ({case})")
-        latent = inputs[mf.SAMPLE].to(dt)
+        latent = inputs[mf.SAMPLE].to(pipe.vae.dtype)
         with torch.no_grad():
             ref_img = pipe.vae.decode(latent, return_dict=False)[0]
         got_img = sess_vae.run(None, {"latent_sample": latent.numpy()})
-        checks.append(_compare(mf.VAE_DECODER, case, got_img, [ref_img], opts.dtype))
+        checks.append(_compare(mf.VAE_DECODER, case, got_img, [ref_img], vae_dtype))
     return checks
 
 

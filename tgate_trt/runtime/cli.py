@@ -17,14 +17,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("export_dir", type=Path, help="folder written by tgate-export")
     p.add_argument("prompt", help="what to draw")
     p.add_argument("--negative", default=None, help="negative prompt")
-    p.add_argument("--steps", type=int, default=25, help=f"denoising steps, 1..{MAX_STEPS}")
-    p.add_argument("--gate", type=int, default=10, help="gate step (>= steps: no gating)")
-    p.add_argument("--guidance", type=float, default=7.5, help="classifier-free guidance scale")
+    p.add_argument("--steps", type=int, default=None, help=f"denoising steps, 1..{MAX_STEPS} (default: the export's)")
+    p.add_argument("--gate", type=int, default=None, help="gate step (>= steps: no gating; default: the export's)")
+    p.add_argument(
+        "--guidance", type=float, default=None, help="guidance scale (CFG weight, or LCM's embedded guidance)"
+    )
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
     p.add_argument("--batch", type=int, default=1, help="images per prompt")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--scheduler", default="ddim", choices=SCHEDULERS)
+    p.add_argument("--scheduler", default=None, choices=SCHEDULERS, help="default: the export's own (else ddim)")
     p.add_argument("--backend", default="ort", choices=BACKENDS)
     p.add_argument("--out", type=Path, default=Path("image.png"), help="PNG path (index added for batch > 1)")
     return p
@@ -46,9 +48,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         pipe = TGatePipeline.from_export(args.export_dir, backend=args.backend)
         prompts = [args.prompt] * args.batch
-        h = args.height or pipe.manifest.defaults["height"]
-        w = args.width or pipe.manifest.defaults["width"]
-        pipe.check(prompts, [args.negative or ""] * args.batch, args.steps, args.gate, args.guidance, h, w)
+        defaults = pipe.manifest.defaults
+        h = args.height or defaults["height"]
+        w = args.width or defaults["width"]
+        args.steps = defaults["steps"] if args.steps is None else args.steps
+        args.gate = defaults["gate_step"] if args.gate is None else args.gate
+        args.guidance = defaults["guidance_scale"] if args.guidance is None else args.guidance
+        negatives = None if args.negative is None else [args.negative] * args.batch
+        pipe.check(prompts, negatives, args.steps, args.gate, args.guidance, h, w)
     except (ManifestError, ValueError, RuntimeError) as exc:
         return _fail(str(exc))
     with tqdm(total=args.steps, desc="denoise", unit="step", file=sys.stderr) as bar:

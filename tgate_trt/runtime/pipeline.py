@@ -17,17 +17,27 @@ import numpy as np
 import torch
 
 from .. import manifest as mf
+from .conditioning import TextConditioner
 from .engine import Engine, OrtEngine
 
-SCHEDULERS = ("ddim", "euler", "dpm++")
+SCHEDULERS = ("ddim", "euler", "dpm++", "lcm")
+# The export's own scheduler class, when it is one of ours, is the default (SDXL: Euler, LCM: LCM).
+_SCHEDULER_NAMES = {
+    "DDIMScheduler": "ddim",
+    "EulerDiscreteScheduler": "euler",
+    "DPMSolverMultistepScheduler": "dpm++",
+    "LCMScheduler": "lcm",
+}
 BACKENDS = ("ort", "trt")
 MAX_STEPS = mf.MAX_STEPS
 
 
 def make_scheduler(name: str, config: dict[str, Any]) -> Any:
     """A fresh scheduler per run (schedulers keep step state), from the export's config."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler
+    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler
 
+    if name == "lcm":
+        return LCMScheduler.from_config(config)
     if name == "ddim":
         return DDIMScheduler.from_config(config)
     if name == "euler":
@@ -45,6 +55,18 @@ class Result:
     calls: dict[str, int] = field(default_factory=dict)  # engine invocations this run
 
 
+def default_scheduler(config: dict[str, Any]) -> str:
+    """The export's scheduler when we support its class, else DDIM (e.g. SD-1.5's PNDM)."""
+    return _SCHEDULER_NAMES.get(str(config.get("_class_name")), "ddim")
+
+
+def _step_kwargs(sched: Any, generator: torch.Generator) -> dict[str, Any]:
+    """The generator for schedulers that draw noise in ``step`` (LCM), as diffusers' pipelines pass it."""
+    import inspect
+
+    return {"generator": generator} if "generator" in inspect.signature(sched.step).parameters else {}
+
+
 def _as_list(prompt: str | list[str], what: str) -> list[str]:
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts or any(not isinstance(p, str) for p in prompts):
@@ -58,6 +80,7 @@ class TGatePipeline:
 
         self.root, self.manifest, self.engines, self.tokenizer = root, manifest, engines, tokenizer
         self.scheduler_config = DDIMScheduler.load_config(str(root / manifest.scheduler))  # read once
+        self.conditioner = TextConditioner(root, manifest, engines, tokenizer)
 
     @classmethod
     def from_export(
@@ -87,7 +110,7 @@ class TGatePipeline:
     def check(
         self,
         prompts: list[str],
-        negatives: list[str],
+        negatives: list[str] | None,
         steps: int,
         gate_step: int,
         guidance: float,
@@ -96,7 +119,12 @@ class TGatePipeline:
     ) -> tuple[int, int]:
         if any(not p.strip() for p in prompts):
             raise ValueError("prompt is empty: pass a text describing the image")
-        if len(negatives) != len(prompts):
+        family = self.manifest.model
+        if negatives is not None and not family.cfg:
+            raise ValueError(
+                f"this export is guidance-free ({family.family}: no CFG), so a negative_prompt has no effect"
+            )
+        if negatives is not None and len(negatives) != len(prompts):
             raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
         mf.check_gate(steps, gate_step)
         if not np.isfinite(guidance):
@@ -117,48 +145,47 @@ class TGatePipeline:
             )
 
     # --- the run ---------------------------------------------------------------------------------
-    def encode(self, prompts: list[str]) -> Any:
-        ids = self.tokenizer(
-            prompts,
-            padding="max_length",
-            max_length=self.manifest.text["max_length"],
-            truncation=True,
-            return_tensors="np",
-        ).input_ids.astype(np.int64)
-        return self.engines[mf.TEXT_ENCODER]({"input_ids": ids})["last_hidden_state"]
+    def encode(self, prompts: list[str]) -> np.ndarray:
+        """The text states the UNet reads for ``prompts`` (all encoders' outputs, concatenated)."""
+        return self.conditioner.encode(prompts)[0]
 
     def __call__(
         self,
         prompt: str | list[str],
         negative_prompt: str | list[str] | None = None,
-        num_inference_steps: int = 25,
-        gate_step: int = 10,
-        guidance_scale: float = 7.5,
+        num_inference_steps: int | None = None,
+        gate_step: int | None = None,
+        guidance_scale: float | None = None,
         height: int | None = None,
         width: int | None = None,
         seed: int | None = None,
         generator: torch.Generator | None = None,
-        scheduler: str = "ddim",
+        scheduler: str | None = None,
         progress: Callable[[int], None] | None = None,
+        sizes: dict[str, Any] | None = None,
     ) -> Result:
+        """Generate images. Unset steps, gate, guidance and size take the export's defaults (per
+        family); ``scheduler`` defaults to the export's own; ``sizes`` overrides SDXL's
+        ``original_size`` / ``crops_coords_top_left`` / ``target_size``."""
+        defaults = self.manifest.defaults
+        num_inference_steps = defaults["steps"] if num_inference_steps is None else num_inference_steps
+        gate_step = defaults["gate_step"] if gate_step is None else gate_step
+        guidance_scale = defaults["guidance_scale"] if guidance_scale is None else guidance_scale
         prompts = _as_list(prompt, "prompt")
-        negatives = (
-            [""] * len(prompts) if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
-        )
-        if len(negatives) == 1 and len(prompts) > 1:
+        negatives = None if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
+        if negatives is not None and len(negatives) == 1 and len(prompts) > 1:
             negatives = negatives * len(prompts)
-        height = height or self.manifest.defaults["height"]
-        width = width or self.manifest.defaults["width"]
+        height = height or defaults["height"]
+        width = width or defaults["width"]
         h, w = self.check(prompts, negatives, num_inference_steps, gate_step, guidance_scale, height, width)
-        sched = make_scheduler(scheduler, self.scheduler_config)
+        sched = make_scheduler(scheduler or default_scheduler(self.scheduler_config), self.scheduler_config)
         if generator is None:
             generator = torch.Generator().manual_seed(seed if seed is not None else 0)
         counts = {k: e.calls for k, e in self.engines.items()}
         timings: dict[str, float] = {}
         start = time.perf_counter()
 
-        te = self.engines[mf.TEXT_ENCODER]
-        embeds = te.numpy(self.encode(prompts + negatives))
+        cond = self.conditioner(prompts, negatives, guidance_scale, height, width, sizes)
         batch = len(prompts)
         timings["text_encoder"] = time.perf_counter() - start
 
@@ -166,13 +193,12 @@ class TGatePipeline:
         shape = (batch, self.manifest.latent["channels"], h, w)
         from diffusers.utils.torch_utils import randn_tensor
 
+        sched.set_timesteps(num_inference_steps)  # first: Euler's init_noise_sigma depends on the timesteps
         latents = randn_tensor(shape, generator=generator, dtype=torch.float32) * sched.init_noise_sigma
-        sched.set_timesteps(num_inference_steps)
-        pre_feeds = {
-            mf.PROMPT_EMBEDS: pre.asarray(embeds[:batch], mf.PROMPT_EMBEDS),
-            mf.NEGATIVE_PROMPT_EMBEDS: pre.asarray(embeds[batch:], mf.NEGATIVE_PROMPT_EMBEDS),
-            mf.GUIDANCE_SCALE: pre.asarray(np.array([guidance_scale], np.float32), mf.GUIDANCE_SCALE),
-        }
+        step_kwargs = _step_kwargs(sched, generator)
+        family = self.manifest.model
+        pre_feeds = {n: pre.asarray(cond[n], n) for n in mf.conditioning_inputs(family, postgate=False)}
+        post_feeds = {n: post.asarray(cond[n], n) for n in mf.conditioning_inputs(family, postgate=True)}
         caches: dict[str, Any] = {}
         names = self.manifest.cache_names
         timings["pregate"] = timings["postgate"] = 0.0
@@ -185,10 +211,10 @@ class TGatePipeline:
                 caches = {n: out[n] for n in names}  # only the last CFG step's are replayed
                 noise, engine, stage = out[mf.NOISE_PRED], pre, "pregate"
             else:
-                out = post({mf.SAMPLE: post.asarray(x, mf.SAMPLE), mf.TIMESTEP: timestep, **caches})
+                out = post({mf.SAMPLE: post.asarray(x, mf.SAMPLE), mf.TIMESTEP: timestep, **post_feeds, **caches})
                 noise, engine, stage = out[mf.NOISE_PRED], post, "postgate"
             noise_t = torch.from_numpy(engine.numpy(noise).astype(np.float32))
-            latents = sched.step(noise_t, t, latents, return_dict=False)[0]
+            latents = sched.step(noise_t, t, latents, **step_kwargs, return_dict=False)[0]
             timings[stage] += time.perf_counter() - step_start
             if progress:
                 progress(i)
