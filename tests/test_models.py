@@ -245,3 +245,27 @@ def test_lcm_lora_shaped_folder_exports_and_matches_authors(tmp_path: Path) -> N
         .images
     )
     assert np.abs(ours.latents - theirs.numpy()).max() <= 1e-3
+
+
+def test_cli_exports_and_runs_a_tiny_variant(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``tgate-export --model tiny-lcm`` then ``tgate-run`` with the export's own defaults (4 steps, gate 2)."""
+    from tgate_trt.export.cli import main as export_main
+    from tgate_trt.runtime.cli import main as run_main
+
+    out = tmp_path / "lcm"
+    assert export_main(["--model", "tiny-lcm", "--out", str(out)]) == 0
+    assert "exported tiny-lcm (lcm, fp32" in capsys.readouterr().out
+    assert run_main([str(out), "a red circle", "--out", str(tmp_path / "a.png"), "--seed", "2"]) == 0
+    printed = capsys.readouterr().out
+    assert "4 steps, gate 2" in printed and (tmp_path / "a.png").is_file()
+    assert run_main([str(out), "a red circle", "--negative", "blurry", "--out", str(tmp_path / "b.png")]) == 2
+    assert "guidance-free" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("preset", ["sdxl", "lcm-sd15", "lcm-sdxl"])
+def test_hub_presets_fail_offline_with_a_hint(preset: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tgate_trt.export.models import ModelLoadError, resolve_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelLoadError, match="--random-weights"):
+        resolve_model(preset)
