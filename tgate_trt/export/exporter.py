@@ -158,7 +158,7 @@ def build_manifest(
         cache_layers=layers,
         latent=latent,
         text=text_section(pipe, family),
-        defaults={**FAMILY_DEFAULTS[family.family], "height": opts.height, "width": opts.width},
+        defaults={**FAMILY_DEFAULTS[family.family], **src.defaults, "height": opts.height, "width": opts.width},
         scheduler="scheduler",
         tools=_tool_versions(),
         gate={"semantics": mf.gate_semantics(family), "cfg_in_graph": family.cfg},

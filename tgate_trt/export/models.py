@@ -21,6 +21,7 @@ from .families import HUB_PRESETS, build_pipeline, load_pretrained, more_archite
 
 PRESETS: dict[str, str | None] = {
     "tiny": None,  # built in-process
+    "shapes": None,  # trained by this project, shipped in the package (tgate_trt/export/shapes)
     "sd15": "stable-diffusion-v1-5/stable-diffusion-v1-5",
     "sd21": "stabilityai/stable-diffusion-2-1",
     "tiny-sd21": None,
@@ -44,6 +45,7 @@ class ModelLoadError(ValueError):
 class SourceModel:
     pipe: Any  # diffusers.StableDiffusionPipeline
     source: dict[str, Any] = field(default_factory=dict)  # recorded in the manifest
+    defaults: dict[str, Any] = field(default_factory=dict)  # the model's own run defaults (e.g. its guidance)
 
 
 # --- architecture configs (kept in code so --random-weights needs no download) ----------------------
@@ -342,6 +344,15 @@ def resolve_model(model: str, random_weights: bool = False, config: str | None =
         return SourceModel(build_tiny(), _source(model, "preset", True))
     if model in ARCHITECTURES and PRESETS.get(model, "") is None:  # tiny-* variants, built in-process
         return SourceModel(build_from_architecture(model), _source(model, "preset", True))
+    if model == "shapes":
+        from . import shapes
+
+        try:
+            pipe, record = shapes.load(), shapes.verify()
+        except shapes.ShapesWeightsError as exc:
+            raise ModelLoadError(str(exc)) from exc
+        source = {**_source(model, "preset"), "weights_sha256": record["files"]}
+        return SourceModel(pipe, source, dict(shapes.DEFAULTS))
     if model in PRESETS:
         hub_id = PRESETS[model]
         assert hub_id is not None

@@ -1,0 +1,173 @@
+"""The trained ``shapes`` model: data, judge, tokenizer, training, shipped weights and what it draws."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tgate_trt.export.shapes import WEIGHTS, WEIGHTS_RECORD, ShapesWeightsError, data, load, verify
+from tgate_trt.export.shapes.judge import accuracy, judge
+from tgate_trt.export.shapes.tokenizer import word_tokenizer
+
+
+def test_judge_scores_the_generators_own_images() -> None:
+    rng = np.random.default_rng(7)
+    specs = [data.sample_spec(rng) for _ in range(600)]
+    acc = accuracy([data.render(s) for s in specs], specs)
+    assert min(acc.values()) >= 0.98, acc
+
+
+def test_judge_sees_nothing_on_a_blank_image() -> None:
+    blank = np.full((64, 64, 3), data.BACKGROUND, np.uint8)
+    verdict = judge(blank)
+    assert (verdict.color, verdict.shape, verdict.position) == (None, None, None)
+    with pytest.raises(ValueError, match="HxWx3"):
+        judge(blank[..., 0])
+
+
+def test_data_is_a_function_of_the_seed() -> None:
+    a, caps_a, _ = data.batch(3, 8, empty_fraction=0.5)
+    b, caps_b, _ = data.batch(3, 8, empty_fraction=0.5)
+    assert np.array_equal(a, b) and caps_a == caps_b
+    assert a.shape == (8, 3, 64, 64) and a.min() >= -1 and a.max() <= 1
+    assert "" in caps_a  # some captions dropped for classifier-free guidance
+    prompts = data.prompt_set()
+    assert len(prompts) >= 96 and len({p for p, _, _ in prompts}) == 75
+
+
+def test_every_caption_word_is_one_token(tmp_path: Path) -> None:
+    tok = word_tokenizer(tmp_path, data.vocabulary())
+    for word in data.vocabulary():
+        ids = tok(word).input_ids
+        assert len(ids) == 3, (word, tok.convert_ids_to_tokens(ids))
+    ids = tok("a red circle on the left").input_ids
+    assert tok.convert_ids_to_tokens(ids)[1:-1] == [w + "</w>" for w in ["a", "red", "circle", "on", "the", "left"]]
+
+
+def _tensors(folder: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    out = {}
+    for f in sorted(folder.rglob("*.safetensors")):
+        out.update({f"{f.parent.name}/{k}": v for k, v in load_file(f).items()})
+    return out
+
+
+def test_training_runs_and_resumes_to_the_same_weights(tmp_path: Path) -> None:
+    from tgate_trt.export.shapes.train import Interrupted, tiny_config, train
+
+    cfg = tiny_config()
+    straight = train(tmp_path / "a", tmp_path / "work_a", cfg)
+    cfg.stop_after = 4  # stops inside the text encoder stage
+    with pytest.raises(Interrupted, match="text step 1/3"):
+        train(tmp_path / "b", tmp_path / "work_b", cfg)
+    assert not (tmp_path / "b").exists()  # nothing half-written
+    cfg.stop_after = None
+    resumed = train(tmp_path / "b", tmp_path / "work_b", cfg)
+    a, b = _tensors(straight), _tensors(resumed)
+    assert a.keys() == b.keys() and len(a) > 50
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    record = verify(resumed)
+    assert set(record["train_seconds"]) == {"vae", "text_encoder", "unet"}
+    pipe = load(resumed)
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+
+
+def test_shipped_weights_load_offline_and_match_their_hashes(tmp_path: Path) -> None:
+    from tgate_trt.export.models import resolve_model
+
+    record = verify()
+    assert record["command"].startswith("python scripts/train_shapes.py")
+    size = sum(p.stat().st_size for p in WEIGHTS.rglob("*") if p.is_file())
+    assert size < 20e6
+    src = resolve_model("shapes")
+    assert src.source["preset"] == "shapes" and src.source["weights_sha256"] == record["files"]
+    assert src.pipe.unet.dtype.is_floating_point and src.pipe.vae.config.sample_size == 64
+
+    copy = shutil.copytree(WEIGHTS, tmp_path / "weights")
+    unet = next(copy.glob("unet/*.safetensors"))
+    unet.write_bytes(unet.read_bytes()[:-1] + b"\0")
+    with pytest.raises(ShapesWeightsError, match="was modified"):
+        verify(copy)
+    (copy / WEIGHTS_RECORD).unlink()
+    with pytest.raises(ShapesWeightsError, match="missing"):
+        load(copy)
+
+
+@pytest.fixture(scope="module")
+def shapes_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from tgate_trt.export.exporter import ExportRequest, run_export
+
+    out = tmp_path_factory.mktemp("exports") / "shapes"
+    run_export(ExportRequest("shapes", out))
+    return out
+
+
+# One prompt per colour, every shape and position at least once; fixed seeds.
+CHECK_PROMPTS = [
+    ("red", "circle", "left"),
+    ("green", "square", "right"),
+    ("blue", "triangle", "top"),
+    ("yellow", "circle", "bottom"),
+    ("purple", "square", "center"),
+    ("red", "triangle", "right"),
+]
+
+
+def test_shapes_draws_what_it_is_asked(shapes_export: Path) -> None:
+    """Judged on the ORT pipeline with and without the gate: the model draws the prompt, and gating at
+    step 10 of 25 keeps it."""
+    from tgate_trt.runtime.pipeline import TGatePipeline
+
+    pipe = TGatePipeline.from_export(shapes_export)
+    specs = [data.Spec(c, s, p) for c, s, p in CHECK_PROMPTS]
+    for gate in (25, 10):
+        result = pipe([s.caption for s in specs], num_inference_steps=25, gate_step=gate, seed=0)
+        acc = accuracy([np.asarray(im) for im in result.images], specs)
+        assert acc["color"] == 1.0 and acc["position"] == 1.0 and acc["shape"] >= 5 / 6, (gate, acc)
+
+
+def test_eval_writes_table_json_and_grid(shapes_export: Path, tmp_path: Path) -> None:
+    import json
+
+    from tgate_trt.runtime.evaluate import main as eval_main
+
+    out = tmp_path / "eval"
+    assert (
+        eval_main(
+            [
+                "--export",
+                str(shapes_export),
+                "--gates",
+                "3",
+                "--steps",
+                "6",
+                "--seeds-per-prompt",
+                "1",
+                "--out",
+                str(out),
+            ]
+        )
+        == 0
+    )
+    report = json.loads((out / "eval.json").read_text())
+    assert [r["gate"] for r in report["rows"]] == [6, 3] and report["prompts"] == 75
+    base, gated = report["rows"]
+    assert base["mad_vs_baseline"] == 0.0 and gated["mad_vs_baseline"] > 0.0
+    assert all(0.0 <= r[k] <= 1.0 for r in report["rows"] for k in ("color", "shape", "position", "all"))
+    assert (out / "grid.png").stat().st_size > 10_000 and "| gate 3 |" in (out / "eval.md").read_text()
+
+
+def test_eval_refuses_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tgate_trt.runtime.evaluate import main as eval_main
+
+    with pytest.raises(SystemExit):
+        eval_main(["--gates", "0", "--out", str(tmp_path)])
+    assert "gate" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        eval_main(["--export", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert "not an export folder" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,385 @@
+"""Train the ``shapes`` text-to-image model from scratch on CPU: VAE, then text encoder, then UNet.
+
+The model has Stable Diffusion 1.5's *shape* (AutoencoderKL, CLIP text encoder, UNet2DConditionModel
+with cross-attention at every level, epsilon prediction on SD's noise schedule) at a size that trains
+on two CPU cores within two hours, so T-GATE can be measured on a model that draws what it is asked.
+Every random draw comes from (seed, stage, step), and each stage checkpoints, so an interrupted run
+resumes and ends with the same weights.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+import os
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from . import data
+from .tokenizer import MAX_LENGTH, word_tokenizer
+
+VAE_CONFIG: dict[str, Any] = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "latent_channels": 4,
+    "block_out_channels": [32, 64, 64],
+    "down_block_types": ["DownEncoderBlock2D"] * 3,
+    "up_block_types": ["UpDecoderBlock2D"] * 3,
+    "layers_per_block": 1,
+    "norm_num_groups": 16,
+    "act_fn": "silu",
+    "sample_size": data.SIZE,
+}
+TEXT_CONFIG: dict[str, Any] = {
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_attention_heads": 4,
+    "num_hidden_layers": 2,
+    "projection_dim": 64,
+    "hidden_act": "quick_gelu",
+    "max_position_embeddings": MAX_LENGTH,
+}
+UNET_CONFIG: dict[str, Any] = {
+    "sample_size": data.SIZE // 4,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 1,
+    "block_out_channels": [64, 96, 128],
+    "down_block_types": ["CrossAttnDownBlock2D"] * 3,
+    "up_block_types": ["CrossAttnUpBlock2D"] * 3,
+    "cross_attention_dim": 64,
+    "attention_head_dim": 8,
+    "norm_num_groups": 16,
+}
+SCHEDULER_CONFIG: dict[str, Any] = {  # Stable Diffusion 1.5's
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+    "clip_sample": False,
+    "set_alpha_to_one": False,
+    "steps_offset": 1,
+    "prediction_type": "epsilon",
+    "timestep_spacing": "leading",
+}
+
+
+@dataclass
+class Stage:
+    steps: int
+    batch: int
+    lr: float
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    vae: Stage = field(default_factory=lambda: Stage(steps=600, batch=32, lr=1e-3))
+    text: Stage = field(default_factory=lambda: Stage(steps=300, batch=128, lr=1e-3))
+    unet: Stage = field(default_factory=lambda: Stage(steps=2000, batch=64, lr=8e-4))
+    empty_fraction: float = 0.1  # captions dropped so classifier-free guidance works
+    ema_decay: float = 0.999
+    latent_pool: int = 16384  # training images encoded once for the UNet stage
+    stop_after: int | None = None  # optimiser steps in this run, then checkpoint and stop (time slicing)
+    save_every: int = 100
+    vae_config: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(VAE_CONFIG))
+    text_config: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(TEXT_CONFIG))
+    unet_config: dict[str, Any] = field(default_factory=lambda: copy.deepcopy(UNET_CONFIG))
+
+
+def tiny_config() -> TrainConfig:
+    """A few steps of a smaller model: what the tests run."""
+    cfg = TrainConfig(
+        vae=Stage(3, 4, 1e-3), text=Stage(3, 8, 1e-3), unet=Stage(3, 4, 1e-3), save_every=2, latent_pool=16
+    )
+    cfg.vae_config["block_out_channels"] = [16, 16, 16]
+    cfg.vae_config["norm_num_groups"] = 8
+    cfg.unet_config.update(block_out_channels=[16, 32, 32], norm_num_groups=8)
+    return cfg
+
+
+def _generator(seed: int, stage: str, step: int) -> torch.Generator:
+    offset = {"vae": 1, "text": 2, "unet": 3, "scale": 4, "pool": 5}[stage]
+    return torch.Generator().manual_seed(seed * 1_000_003 + offset * 100_000_019 + step)
+
+
+def _data_seed(seed: int, stage: str, step: int) -> int:
+    return int(_generator(seed, stage, step).initial_seed() % (2**63))
+
+
+def _lr(stage: Stage, step: int) -> float:
+    """Linear warm-up, then cosine decay to 10%."""
+    warm = max(1, stage.steps // 20)
+    if step < warm:
+        return stage.lr * (step + 1) / warm
+    progress = (step - warm) / max(1, stage.steps - warm)
+    return stage.lr * (0.1 + 0.45 * (1 + math.cos(math.pi * progress)))
+
+
+def _save(obj: dict[str, Any], path: Path) -> None:
+    tmp = path.with_suffix(".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+class Interrupted(RuntimeError):
+    """Training stopped at a checkpoint (``stop_after``); running the same command again resumes it."""
+
+
+class _Loop:
+    """Resumable optimisation of one stage: model, optimiser, EMA copy and step live in one checkpoint."""
+
+    def __init__(self, name: str, model: torch.nn.Module, stage: Stage, work: Path, cfg: TrainConfig) -> None:
+        self.name, self.model, self.stage, self.cfg = name, model, stage, cfg
+        self.path = work / f"{name}.pt"
+        self.opt = torch.optim.AdamW(model.parameters(), lr=stage.lr, weight_decay=0.0)
+        self.ema = copy.deepcopy(model).requires_grad_(False)
+        self.step, self.seconds = 0, 0.0
+        if self.path.exists():
+            state = torch.load(self.path, weights_only=False)
+            model.load_state_dict(state["model"])
+            self.ema.load_state_dict(state["ema"])
+            self.opt.load_state_dict(state["opt"])
+            self.step, self.seconds = state["step"], state["seconds"]
+
+    def checkpoint(self) -> None:
+        state = {"model": self.model.state_dict(), "ema": self.ema.state_dict(), "opt": self.opt.state_dict()}
+        _save({**state, "step": self.step, "seconds": self.seconds}, self.path)
+
+    def run(self, loss_fn: Callable[[int], torch.Tensor], budget: list[int]) -> torch.nn.Module:
+        """Optimise until the stage's steps are done; ``budget`` (shared by the stages) counts down the
+        steps this run may still take."""
+        self.model.train()
+        bar = tqdm(total=self.stage.steps, initial=self.step, desc=f"train {self.name}", unit="step")
+        while self.step < self.stage.steps:
+            if budget[0] == 0:
+                bar.close()
+                raise Interrupted(f"stopped at {self.name} step {self.step}/{self.stage.steps}; rerun to resume")
+            start = time.perf_counter()
+            for group in self.opt.param_groups:
+                group["lr"] = _lr(self.stage, self.step)
+            loss = loss_fn(self.step)
+            self.opt.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+            self.opt.step()
+            decay = min(self.cfg.ema_decay, (1 + self.step) / (10 + self.step))
+            with torch.no_grad():
+                for e, p in zip(self.ema.parameters(), self.model.parameters(), strict=True):
+                    e.lerp_(p, 1 - decay)
+            self.step += 1
+            self.seconds += time.perf_counter() - start
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.4f}")
+            budget[0] -= 1
+            if self.step % self.cfg.save_every == 0 or self.step == self.stage.steps or budget[0] == 0:
+                self.checkpoint()
+        bar.close()
+        return self.ema.eval()
+
+
+def _images(seed: int, stage: str, step: int, n: int, empty: float = 0.0) -> tuple[torch.Tensor, list[str]]:
+    images, captions, _ = data.batch(_data_seed(seed, stage, step), n, empty)
+    return torch.from_numpy(images), captions
+
+
+def train_vae(cfg: TrainConfig, work: Path, budget: list[int]) -> Any:
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(cfg.seed)
+    loop = _Loop("vae", AutoencoderKL(**cfg.vae_config), cfg.vae, work, cfg)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        x, _ = _images(cfg.seed, "vae", step, cfg.vae.batch)
+        posterior = loop.model.encode(x).latent_dist
+        recon = loop.model.decode(posterior.sample(_generator(cfg.seed, "vae", step))).sample
+        return F.mse_loss(recon, x) + 0.1 * F.l1_loss(recon, x) + 1e-6 * posterior.kl().mean()
+
+    vae = loop.run(loss_fn, budget)
+    with torch.no_grad():  # SD's convention: scale latents to unit variance
+        x, _ = _images(cfg.seed, "scale", 0, 256)
+        std = vae.encode(x).latent_dist.sample(_generator(cfg.seed, "scale", 0)).std().item()
+    vae.register_to_config(scaling_factor=round(1.0 / std, 5))
+    return vae, loop.seconds
+
+
+class _LatentEncoder(torch.nn.Module):
+    """The image tower of a CLIP-style objective; only used to train the text encoder, then dropped."""
+
+    def __init__(self, channels: int, dim: int) -> None:
+        super().__init__()
+        self.net = torch.nn.Sequential(
+            torch.nn.Conv2d(channels, 64, 3, padding=1),
+            torch.nn.SiLU(),
+            torch.nn.Conv2d(64, 64, 3, stride=2, padding=1),
+            torch.nn.SiLU(),
+            torch.nn.Conv2d(64, 64, 3, stride=2, padding=1),
+            torch.nn.SiLU(),
+            torch.nn.Flatten(),
+            torch.nn.LazyLinear(dim),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.net(z)
+
+
+class _TextTower(torch.nn.Module):
+    def __init__(self, encoder: torch.nn.Module, image: torch.nn.Module, dim: int) -> None:
+        super().__init__()
+        self.encoder, self.image = encoder, image
+        self.proj = torch.nn.Linear(encoder.config.hidden_size, dim)
+        self.logit_scale = torch.nn.Parameter(torch.tensor(math.log(10.0)))
+
+
+def train_text(cfg: TrainConfig, work: Path, vae: Any, tokenizer: Any, budget: list[int]) -> Any:
+    """CLIP's contrastive objective against the VAE latents; captions that repeat within a batch are all
+    positives of each other."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(cfg.seed + 1)
+    text_config = CLIPTextConfig(
+        **cfg.text_config,
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    dim = cfg.text_config["projection_dim"]
+    image = _LatentEncoder(cfg.vae_config["latent_channels"], dim)
+    image(torch.zeros(1, cfg.vae_config["latent_channels"], data.SIZE // 4, data.SIZE // 4))  # size LazyLinear
+    tower = _TextTower(CLIPTextModel(text_config), image, dim)
+    loop = _Loop("text", tower, cfg.text, work, cfg)
+
+    def loss_fn(step: int) -> torch.Tensor:
+        x, captions = _images(cfg.seed, "text", step, cfg.text.batch)
+        with torch.no_grad():
+            z = vae.encode(x).latent_dist.mean * vae.config.scaling_factor
+        ids = tokenizer(captions, padding="max_length", max_length=MAX_LENGTH, return_tensors="pt").input_ids
+        t = F.normalize(tower.proj(tower.encoder(ids).pooler_output), dim=-1)
+        v = F.normalize(tower.image(z), dim=-1)
+        logits = tower.logit_scale.exp() * t @ v.T
+        same = torch.tensor([[a == b for b in captions] for a in captions], dtype=torch.float32)
+        target = same / same.sum(dim=1, keepdim=True)
+        return 0.5 * (
+            -(target * logits.log_softmax(dim=1)).sum(1).mean() - (target * logits.T.log_softmax(dim=1)).sum(1).mean()
+        )
+
+    return loop.run(loss_fn, budget).encoder, loop.seconds
+
+
+def _latent_pool(cfg: TrainConfig, vae: Any) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Encode a fixed pool of training images once: the UNet stage then samples latents from the stored
+    posteriors instead of running the VAE encoder every step (most of a step's cost at this size)."""
+    means, stds, captions = [], [], []
+    chunk = 256
+    for i in tqdm(range(0, cfg.latent_pool, chunk), desc="encode latent pool", unit="chunk"):
+        x, caps = _images(cfg.seed, "pool", i, min(chunk, cfg.latent_pool - i))
+        with torch.no_grad():
+            dist = vae.encode(x).latent_dist
+        means.append(dist.mean * vae.config.scaling_factor)
+        stds.append(dist.std * vae.config.scaling_factor)
+        captions += caps
+    return torch.cat(means), torch.cat(stds), captions
+
+
+def train_unet(cfg: TrainConfig, work: Path, vae: Any, text_encoder: Any, tokenizer: Any, budget: list[int]) -> Any:
+    """Epsilon prediction with min-SNR-5 loss weighting, which converges faster on small budgets."""
+    from diffusers import DDPMScheduler, UNet2DConditionModel
+
+    torch.manual_seed(cfg.seed + 2)
+    unet_config = {**cfg.unet_config, "cross_attention_dim": text_encoder.config.hidden_size}
+    loop = _Loop("unet", UNet2DConditionModel(**unet_config), cfg.unet, work, cfg)
+    noise_sched = DDPMScheduler.from_config({k: v for k, v in SCHEDULER_CONFIG.items() if "offset" not in k})
+    alphas = noise_sched.alphas_cumprod
+    snr = alphas / (1 - alphas)
+    if loop.step >= cfg.unet.steps:
+        return loop.ema.eval(), loop.seconds
+    means, stds, captions = _latent_pool(cfg, vae)
+    vocab = sorted(set(captions)) + [""]
+    with torch.no_grad():
+        ids = tokenizer(vocab, padding="max_length", max_length=MAX_LENGTH, return_tensors="pt").input_ids
+        table = text_encoder(ids).last_hidden_state
+    caption_index = torch.tensor([vocab.index(c) for c in captions])
+
+    def loss_fn(step: int) -> torch.Tensor:
+        g = _generator(cfg.seed, "unet", step)
+        pick = torch.randint(0, len(captions), (cfg.unet.batch,), generator=g)
+        z = means[pick] + stds[pick] * torch.randn(means[pick].shape, generator=g)
+        text = torch.where(
+            torch.rand(cfg.unet.batch, generator=g) < cfg.empty_fraction, len(vocab) - 1, caption_index[pick]
+        )
+        t = torch.randint(0, noise_sched.config.num_train_timesteps, (z.shape[0],), generator=g)
+        noise = torch.randn(z.shape, generator=g)
+        pred = loop.model(noise_sched.add_noise(z, noise, t), t, table[text]).sample
+        weight = torch.clamp(snr[t], max=5.0) / snr[t]
+        return (weight * ((pred - noise) ** 2).mean(dim=(1, 2, 3))).mean()
+
+    return loop.run(loss_fn, budget), loop.seconds
+
+
+def train(out: Path, work: Path, cfg: TrainConfig, command: str = "", dtype: torch.dtype = torch.float16) -> Path:
+    """Run the three stages (resuming from ``work``) and save the pipeline into ``out`` atomically."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from . import WEIGHTS_RECORD, record_hashes
+
+    work.mkdir(parents=True, exist_ok=True)
+    (work / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
+    tokenizer = word_tokenizer(work / "tokenizer", data.vocabulary())
+    start = time.perf_counter()
+    budget = [cfg.stop_after if cfg.stop_after else -1]
+    vae, vae_s = train_vae(cfg, work, budget)
+    text_encoder, text_s = train_text(cfg, work, vae, tokenizer, budget)
+    unet, unet_s = train_unet(cfg, work, vae, text_encoder, tokenizer, budget)
+    pipe = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet.eval(),
+        scheduler=DDIMScheduler.from_config(SCHEDULER_CONFIG),
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.to(dtype).save_pretrained(tmp, safe_serialization=True)
+    record = {
+        "command": command,
+        "dtype": str(dtype).removeprefix("torch."),
+        "train_seconds": {"vae": round(vae_s, 1), "text_encoder": round(text_s, 1), "unet": round(unet_s, 1)},
+        "wall_seconds_this_run": round(time.perf_counter() - start, 1),
+        "torch_threads": torch.get_num_threads(),
+        "config": asdict(cfg),
+        "parameters": {
+            "vae": sum(p.numel() for p in vae.parameters()),
+            "text_encoder": sum(p.numel() for p in text_encoder.parameters()),
+            "unet": sum(p.numel() for p in unet.parameters()),
+        },
+        "files": record_hashes(tmp),
+    }
+    (tmp / WEIGHTS_RECORD).write_text(json.dumps(record, indent=1) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+    return out
+
+
+def config_with(cfg: TrainConfig, **steps: int) -> TrainConfig:
+    """``cfg`` with the steps of some stages replaced (``vae=..., text=..., unet=...``)."""
+    return replace(cfg, **{k: replace(getattr(cfg, k), steps=v) for k, v in steps.items()})
+
+
+def seed_everything(seed: int) -> None:
+    np.random.seed(seed)
+    torch.manual_seed(seed)
