@@ -28,21 +28,6 @@ VARIANTS = {
 }
 
 
-@pytest.fixture(scope="session")
-def model_export(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
-    """One export per tiny variant per test session, made on first use."""
-    done: dict[str, Path] = {}
-
-    def get(name: str) -> Path:
-        if name not in done:
-            out = tmp_path_factory.mktemp("family-exports") / name
-            run_export(ExportRequest(name, out))
-            done[name] = out
-        return done[name]
-
-    return get
-
-
 def _steps(name: str) -> int:
     return 4 if "lcm" in name else 10
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 import shutil
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -35,6 +35,7 @@ except TritonUnavailable as _exc:
 
 MODEL = "tgate_py"  # model.py form, 2 instances, artifacts linked
 BACKEND_MODEL = "tgate_be"  # backend "tgate" form, artifacts copied
+FAMILY_MODELS = {"tiny-sdxl": "tgate_sdxl", "tiny-lcm": "tgate_lcm"}  # other model families, 1 instance each
 MAX_STEPS = 8
 STEPS, GATE = 4, 2  # the models' default steps and gate
 THREADS = 1  # ORT threads, the same here and in the server so the float results are bit-identical
@@ -63,13 +64,18 @@ def _generate_repo(export: Path, repo: Path, name: str, *extra: str) -> None:
 
 
 @pytest.fixture(scope="module")
-def server(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[TritonServer]:
+def server(
+    tiny_export: Path, model_export: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[TritonServer]:
     root = tmp_path_factory.mktemp("triton")
     repo = root / "repo"
     _generate_repo(tiny_export, repo, MODEL, "--instances", "2", "--link")
     _generate_repo(tiny_export, repo, BACKEND_MODEL, "--form", "backend")
-    # Explicit model control: the two models load at start; others (a tampered copy) load on demand.
+    for variant, name in FAMILY_MODELS.items():
+        _generate_repo(model_export(variant), repo, name, "--link")
+    # Explicit model control: these models load at start; others (a tampered copy) load on demand.
     args = ["--model-control-mode=explicit", f"--load-model={MODEL}", f"--load-model={BACKEND_MODEL}"]
+    args += [f"--load-model={name}" for name in FAMILY_MODELS.values()]
     srv = TritonServer(repo, root / "work", extra_args=args)
     srv.start()
     try:
@@ -184,6 +190,25 @@ def test_bad_request_errors_then_model_keeps_serving(
     assert message in str(err.value), str(err.value)
     image = client_script.generate(client, module, model, "a green triangle", seed=5, height=32, width=32)
     np.testing.assert_array_equal(image, _expected(local, "a green triangle", seed=5, height=32, width=32))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("variant", list(FAMILY_MODELS))
+def test_other_model_families_are_served(
+    server: TritonServer, model_export: Callable[[str], Path], variant: str
+) -> None:
+    """SDXL (two text encoders, added conditioning) and a guidance-free LCM model serve through the same
+    model code and equal their local pipeline; the LCM model refuses a negative prompt, then still serves."""
+    local = TGatePipeline.from_export(model_export(variant), threads=THREADS)
+    client, module = _client(server, "http")
+    params = {"seed": 3, "steps": 4, "gate_step": 2, "guidance_scale": 2.0, "height": 32, "width": 32}
+    image = client_script.generate(client, module, FAMILY_MODELS[variant], "a blue square", **params)
+    np.testing.assert_array_equal(image, _expected(local, "a blue square", **params))
+    if not local.manifest.model.cfg:
+        with pytest.raises(InferenceServerException, match="negative"):
+            client_script.generate(client, module, FAMILY_MODELS[variant], "a blue square", negative_prompt="red")
+        again = client_script.generate(client, module, FAMILY_MODELS[variant], "a blue square", **params)
+        np.testing.assert_array_equal(again, image)
 
 
 @pytest.mark.slow
