@@ -53,6 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--config", help="local diffusers folder with configs + tokenizer for a single-file checkpoint"
     )
+    p.add_argument(
+        "--lcm-lora", help="LCM-LoRA .safetensors to fuse into the UNet (the export becomes guidance-free, LCM)"
+    )
     p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     p.add_argument(
         "--engines", action="store_true", help="then build TensorRT engines into OUT/engines (GPU host)"
@@ -78,6 +81,7 @@ def main(argv: list[str] | None = None, engines: EnginesHook | None = None) -> i
         width=args.width,
         random_weights=args.random_weights,
         config=args.config,
+        lcm_lora=args.lcm_lora,
         force=args.force,
     )
     bar = tqdm(total=len(STAGES), desc="export", unit="stage", file=sys.stderr)

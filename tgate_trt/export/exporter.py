@@ -28,7 +28,7 @@ from .graphs import (
     text_encoder_keys,
     vae_upcast,
 )
-from .models import ARCHITECTURES, ModelLoadError, SourceModel, resolve_model
+from .models import ARCHITECTURES, ModelLoadError, SourceModel, apply_lcm_lora, resolve_model
 from .onnx_io import describe
 from .validate import Check, validate_export
 
@@ -59,6 +59,7 @@ class ExportRequest:
     width: int | None = None
     random_weights: bool = False
     config: str | None = None  # configs + tokenizer for single-file checkpoints
+    lcm_lora: str | None = None  # an LCM-LoRA .safetensors fused into the UNet (guidance-free result)
     force: bool = False
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -72,6 +73,10 @@ def check_request(req: ExportRequest) -> None:
     for name, value in (("height", req.height), ("width", req.width)):
         if value is not None and value <= 0:
             raise ExportError(f"--{name} must be positive, got {value}")
+    if req.lcm_lora is not None:
+        lora = Path(req.lcm_lora)
+        if not lora.is_file() or lora.suffix != ".safetensors":
+            raise ExportError(f"--lcm-lora {lora} is not a .safetensors file: pass the LoRA's weights file")
     out = req.out
     if out.exists() and not out.is_dir():
         raise ExportError(f"{out} exists and is not a folder: choose another --out")
@@ -191,6 +196,8 @@ def run_export(
     stage(STAGES[0])
     try:
         src = resolve_model(req.model, req.random_weights, req.config)
+        if req.lcm_lora:
+            src = apply_lcm_lora(src, Path(req.lcm_lora))
     except ModelLoadError as exc:
         raise ExportError(str(exc)) from exc
     pipe = src.pipe

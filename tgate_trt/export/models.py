@@ -381,3 +381,27 @@ def resolve_model(model: str, random_weights: bool = False, config: str | None =
 def _source(model: str, kind: str, random_weights: bool = False) -> dict[str, Any]:
     preset = model if kind == "preset" else None
     return {"model": model, "kind": kind, "preset": preset, "random_weights": random_weights}
+
+
+def apply_lcm_lora(src: SourceModel, lora: Path) -> SourceModel:
+    """Fuse an LCM-LoRA (e.g. ``latent-consistency/lcm-lora-sdxl``) into the UNet and switch to the LCM
+    sampler: the result is a guidance-free model, exported and gated like any other LCM pipeline."""
+    from diffusers import LCMScheduler
+
+    from ..manifest import sha256_file
+
+    pipe = src.pipe
+    try:
+        import peft  # noqa: F401  (diffusers loads LoRA weights through peft)
+    except ImportError as exc:
+        raise ModelLoadError("--lcm-lora needs peft: pip install 'tgate-trt[lora]'") from exc
+    try:
+        pipe.load_lora_weights(str(lora.parent), weight_name=lora.name, adapter_name="lcm")
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelLoadError(f"could not load {lora} as a LoRA for this pipeline: {exc}") from exc
+    pipe.fuse_lora(adapter_names=["lcm"])
+    pipe.unload_lora_weights()
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    source = {**src.source, "lcm_lora": {"file": str(lora.resolve()), "sha256": sha256_file(lora)}}
+    return SourceModel(pipe, source, src.defaults)
+
