@@ -39,9 +39,7 @@ def quiet() -> Iterator[None]:
         yield
 
 
-def _export(
-    module: torch.nn.Module, args: tuple[Any, ...], raw: Path, opts: ExportOptions, **kw: Any
-) -> None:
+def _export(module: torch.nn.Module, args: tuple[Any, ...], raw: Path, opts: ExportOptions, **kw: Any) -> None:
     with quiet(), torch.no_grad():
         torch.onnx.export(
             module,
@@ -211,4 +209,28 @@ def export_standard_parts(
                 )
             for key in wanted:
                 params[key] = finalize(scratch / key / "model.onnx", root / key, opts.force_external_data)
+    return params
+
+
+def export_plain_unet(pipe: Any, root: Path, opts: ExportOptions) -> int:
+    """The standard, ungated UNet through optimum's exporter into ``root/unet`` (graph + config).
+
+    Not part of a T-GATE export: it lets optimum's own ``ORTStableDiffusionPipeline`` run beside ours on
+    the same text encoder and VAE decoder, as the standard ONNX deployment to compare against.
+    """
+    from optimum.exporters.onnx.convert import export_models
+    from optimum.exporters.utils import get_diffusion_models_for_export
+
+    models = get_diffusion_models_for_export(pipe, int_dtype="int64", float_dtype=opts.dtype)
+    with ScratchDir(root) as scratch:
+        with quiet():
+            export_models(
+                {mf.UNET: models[mf.UNET]},
+                scratch,
+                opset=opts.opset,
+                output_names=[f"{mf.UNET}/model.onnx"],
+                dtype="fp16" if opts.dtype == "fp16" else None,
+            )
+        params = finalize(scratch / mf.UNET / "model.onnx", root / mf.UNET, opts.force_external_data)
+    pipe.unet.save_config(root / mf.UNET)
     return params

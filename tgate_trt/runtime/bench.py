@@ -14,6 +14,7 @@ import platform
 import resource
 import statistics
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -123,21 +124,34 @@ def _ours(kind: str, args: argparse.Namespace) -> Callable[[], dict[str, float]]
 
 
 def _optimum(args: argparse.Namespace) -> Callable[[], dict[str, float]]:
-    from optimum.onnxruntime import ORTStableDiffusionPipeline
+    from . import optimum_baseline as ob
 
-    if not (args.export / "unet" / "model.onnx").is_file():
-        raise RuntimeError(
-            "the export has no standard unet/ graph for optimum to drive: the pre-gate graph has CFG inside "
-            "and cache outputs, which ORTStableDiffusionPipeline can't call"
-        )
-    pipe = ORTStableDiffusionPipeline.from_pretrained(str(args.export))
+    manifest = mf.Manifest.load(args.export)
+    pipe = ob.load_pipeline(args.export, args.plain_unet, args.threads)
+    pipe.set_progress_bar_config(disable=True)  # ours shows none either; keeps the log readable
+    read = ob.stage_timer(pipe)
 
     def once() -> dict[str, float]:
+        read()
         start = time.perf_counter()
-        pipe(args.prompt, num_inference_steps=args.steps, height=args.height, width=args.width)
-        return {"total": time.perf_counter() - start}
+        ob.generate(pipe, manifest, args.prompt, args.steps, args.seed, args.height, args.width)
+        times = read()
+        times["total"] = time.perf_counter() - start
+        return times
 
     return once
+
+
+def _prepare_optimum(args: argparse.Namespace, folder: Path, queue: Any) -> None:
+    """Export optimum's plain UNet in its own process, so (e)'s peak RSS is the pipeline's, not the export's."""
+    from . import optimum_baseline as ob
+
+    try:
+        ob.check_export(mf.Manifest.load(args.export))
+        path = ob.plain_unet(args.model, args.random_weights, folder)
+        queue.put({"ok": True, "path": str(path)})
+    except Exception as exc:
+        queue.put({"ok": False, "error": f"{type(exc).__name__}: {exc}"[:400]})
 
 
 def _worker(kind: str, args: argparse.Namespace, queue: Any) -> None:
@@ -157,14 +171,24 @@ def _worker(kind: str, args: argparse.Namespace, queue: Any) -> None:
         queue.put({"variant": kind, "ok": False, "error": f"{type(exc).__name__}: {exc}"[:400]})
 
 
-def run_variant(kind: str, args: argparse.Namespace) -> dict[str, Any]:
+def _spawn(target: Callable[..., None], *args: Any) -> dict[str, Any]:
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
-    proc = ctx.Process(target=_worker, args=(kind, args, queue))
+    proc = ctx.Process(target=target, args=(*args, queue))
     proc.start()
     result = queue.get()
     proc.join()
     return result
+
+
+def run_variant(kind: str, args: argparse.Namespace) -> dict[str, Any]:
+    if kind != "e":
+        return _spawn(_worker, kind, args)
+    with tempfile.TemporaryDirectory(prefix="tgate-bench-unet-") as tmp:
+        prepared = _spawn(_prepare_optimum, args, args.optimum_unet or Path(tmp))
+        if not prepared["ok"]:
+            return {"variant": kind, **prepared}
+        return _spawn(_worker, kind, argparse.Namespace(**vars(args), plain_unet=Path(prepared["path"])))
 
 
 def markdown(results: list[dict[str, Any]]) -> str:
@@ -202,8 +226,9 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.invert_yaxis()
     ax.set_xlabel("median seconds per image")
     ax.set_title(title)
-    ax.legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
+    ax.set_xlim(0, max(r["median"]["total"] for r in ok) * 1.15)  # room for the totals
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))  # the legend sits below the axes, clear of the bars
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)
     tmp.replace(path)
@@ -228,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: library default)")
     ap.add_argument("--variants", default="abcde", help="letters of the variants to run")
+    ap.add_argument(
+        "--optimum-unet",
+        type=Path,
+        help="folder to keep (and reuse) the plain UNet graph (e) needs (default: a temp folder, removed after)",
+    )
     ap.add_argument("--out", type=Path, default=Path("benchmarks/cpu"))
     args = ap.parse_args(argv)
     try:
