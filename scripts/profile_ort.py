@@ -25,6 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 from tgate_trt import manifest as mf
+from tgate_trt.export.onnx_io import random_feeds
 
 LEVELS = {
     "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
@@ -34,17 +35,7 @@ LEVELS = {
 
 
 def feeds(m: mf.Manifest, key: str, lat_h: int, lat_w: int) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(0)
-    dims = {mf.BATCH: 1, mf.LATENT_H: lat_h, mf.LATENT_W: lat_w}
-    dims.update({mf.hw_dim(c.level): c.tokens(lat_h, lat_w) for c in m.cache_layers})
-    out = {}
-    for t in m.graphs[key].inputs:
-        shape = [dims[d] if isinstance(d, str) else d for d in t.shape]
-        out[t.name] = rng.standard_normal(shape).astype(t.dtype)
-    out[mf.TIMESTEP] = np.array([500.0], np.float32)
-    if mf.GUIDANCE_SCALE in out:
-        out[mf.GUIDANCE_SCALE] = np.array([7.5], np.float32)
-    return out
+    return random_feeds(m, key, lat_h, lat_w)
 
 
 def fused_copy(src: Path, dst: Path) -> Path:

@@ -130,6 +130,18 @@ def test_shapes_draws_what_it_is_asked(shapes_export: Path) -> None:
         assert acc["color"] == 1.0 and acc["position"] == 1.0 and acc["shape"] >= 5 / 6, (gate, acc)
 
 
+def test_int8_copy_still_draws_what_it_is_asked(shapes_export: Path, tmp_path: Path) -> None:
+    """tgate-quantize's int8 MatMuls keep the picture: same judge, same prompts, gate 10 of 25."""
+    from tgate_trt.export.quantize import quantize_export
+    from tgate_trt.runtime.pipeline import TGatePipeline
+
+    quantize_export(shapes_export, tmp_path / "int8")
+    specs = [data.Spec(c, s, p) for c, s, p in CHECK_PROMPTS]
+    result = TGatePipeline.from_export(tmp_path / "int8")([s.caption for s in specs], gate_step=10, seed=0)
+    acc = accuracy([np.asarray(im) for im in result.images], specs)
+    assert acc["color"] == 1.0 and acc["position"] == 1.0 and acc["shape"] >= 5 / 6, acc
+
+
 def test_eval_writes_table_json_and_grid(shapes_export: Path, tmp_path: Path) -> None:
     import json
 

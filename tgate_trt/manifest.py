@@ -24,6 +24,7 @@ TEXT_ENCODER = "text_encoder"
 TEXT_ENCODER_2 = "text_encoder_2"  # SDXL only; optional graphs are listed in ``Manifest.graphs``
 VAE_DECODER = "vae_decoder"
 GRAPH_KEYS = (TEXT_ENCODER, PREGATE, POSTGATE, VAE_DECODER)  # the graphs every export has
+QUANTIZATION = "quantization"  # manifest.extra section of a tgate-quantize copy (int8 CPU graphs)
 UNET = "unet"  # optimum's plain UNet folder: not in T-GATE exports, only beside them for comparisons
 
 # Tensor names of the two UNet graphs.

@@ -169,6 +169,11 @@ def build_engines(
     """
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     manifest = mf.Manifest.load(export_dir, verify=True)
+    if mf.QUANTIZATION in manifest.extra:
+        raise ValueError(
+            f"{export_dir} is an int8 copy for ONNX Runtime on CPUs (tgate-quantize): build engines from its "
+            "fp32 or fp16 source export"
+        )
     keys = graphs or tuple(manifest.graphs)
     profiles = all_profiles(manifest, batch, height, width, options.dynamic, keys)
     settings = builder_settings(options, manifest)

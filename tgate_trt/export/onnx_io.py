@@ -11,6 +11,7 @@ import onnx
 from onnx import TensorProto, helper
 
 from ..manifest import GraphSpec, TensorSpec, sha256_file
+from ..manifest import Manifest as GraphManifest
 
 PROTOBUF_LIMIT = 2 * 1024**3 - 1
 EXTERNAL_DATA = "model.onnx_data"
@@ -113,3 +114,22 @@ class ScratchDir:
 
     def __exit__(self, *exc: object) -> None:
         shutil.rmtree(self.path, ignore_errors=True)
+
+
+def random_feeds(manifest: GraphManifest, key: str, lat_h: int, lat_w: int, batch: int = 1) -> dict[str, np.ndarray]:
+    """Seeded inputs for one graph at one latent size: to time or compare graphs without a pipeline."""
+    from .. import manifest as mf
+
+    rng = np.random.default_rng(0)
+    dims: dict[str, int] = {mf.BATCH: batch, mf.LATENT_H: lat_h, mf.LATENT_W: lat_w}
+    dims.update({mf.hw_dim(c.level): c.tokens(lat_h, lat_w) for c in manifest.cache_layers})
+    out = {}
+    for t in manifest.graphs[key].inputs:
+        shape = [dims[d] if isinstance(d, str) else d for d in t.shape]
+        out[t.name] = rng.standard_normal(shape).astype(t.dtype)
+    if mf.TIMESTEP in out:
+        out[mf.TIMESTEP] = np.array([500.0], np.float32)
+    if mf.GUIDANCE_SCALE in out:
+        out[mf.GUIDANCE_SCALE] = np.array([7.5], np.float32)
+    return out
+

@@ -28,6 +28,7 @@ VARIANTS = {
     "c": "ours ORT, gate >= steps",
     "d": "ours ORT, T-GATE",
     "e": "optimum ORTStableDiffusionPipeline",
+    "q": "ours ORT int8 MatMuls, T-GATE",
     "t": "ours TensorRT, T-GATE",
 }
 STAGES = ("text_encoder", "pregate", "postgate", "vae_decoder", "total")
@@ -106,7 +107,8 @@ def _ours(kind: str, args: argparse.Namespace) -> Callable[[], dict[str, float]]
     from .pipeline import TGatePipeline
 
     backend = "trt" if kind == "t" else "ort"
-    pipe = TGatePipeline.from_export(args.export, backend=backend, threads=args.threads)
+    export = args.int8_export if kind == "q" else args.export
+    pipe = TGatePipeline.from_export(export, backend=backend, threads=args.threads)
     gate = args.steps if kind == "c" else args.gate
 
     def once() -> dict[str, float]:
@@ -252,18 +254,25 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: library default)")
-    ap.add_argument("--variants", default="abcde", help="letters of the variants to run")
+    ap.add_argument("--variants", help="letters of the variants to run (default: abcde, and q with --int8-export)")
     ap.add_argument(
         "--optimum-unet",
         type=Path,
         help="folder to keep (and reuse) the plain UNet graph (e) needs (default: a temp folder, removed after)",
     )
+    ap.add_argument("--int8-export", type=Path, help="tgate-quantize copy of --export, for variant (q)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/cpu"))
     args = ap.parse_args(argv)
     try:
         mf.check_gate(args.steps, args.gate)
         manifest = mf.Manifest.load(args.export)
         manifest.latent_size(args.height, args.width)
+        args.variants = args.variants or ("abcdeq" if args.int8_export else "abcde")
+        if "q" in args.variants:
+            if args.int8_export is None:
+                raise ValueError("variant (q) needs --int8-export DIR (made by: tgate-quantize EXPORT --out DIR)")
+            if mf.QUANTIZATION not in mf.Manifest.load(args.int8_export).extra:
+                raise ValueError(f"{args.int8_export} is not a tgate-quantize copy: make one with tgate-quantize")
     except (mf.ManifestError, ValueError) as exc:
         print(f"tgate-bench: error: {exc}", file=sys.stderr)
         return 2

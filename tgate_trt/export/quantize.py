@@ -1,0 +1,171 @@
+"""``tgate-quantize``: an int8 copy of an export for CPUs (dynamic quantization of the UNets' MatMul weights).
+
+On a CPU, ONNX Runtime's fp32 convolutions and GEMMs already run near what the cores can do
+(``benchmarks/README.md``), so lower precision is the lever left. Dynamic quantization needs no calibration
+data: the weights of the MatMuls (the UNet's linear layers) are stored as int8 and activations are quantized
+per call. Convolutions stay fp32 (ORT's integer convolutions are slower than its fp32 ones on x86), as do the
+text encoder and VAE decoder, which are copied unchanged. The result is a complete export with the same
+graph contract, new hashes, a ``quantization`` section in the manifest, and a check of each quantized graph
+against its fp32 source. TensorRT builds from the fp32/fp16 export, not from this one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import manifest as mf
+from .onnx_io import ScratchDir, describe, finalize, random_feeds
+
+QUANTIZED_OPS = ("MatMul",)
+UNET_GRAPHS = (mf.PREGATE, mf.POSTGATE)
+SECTION = mf.QUANTIZATION
+DEFAULT_TOLERANCE = 0.1  # relative L2 error per output vs fp32 (CFG at guidance 7.5 amplifies it in noise_pred)
+
+
+class QuantizeError(RuntimeError):
+    """A quantization that can't start or didn't pass its check; the message says what to change."""
+
+
+def check_request(src: Path, out: Path, force: bool) -> mf.Manifest:
+    """Everything that can be refused before minutes of work: source, its dtype, the destination."""
+    try:
+        manifest = mf.Manifest.load(src, verify=True)
+    except mf.ManifestError as exc:
+        raise QuantizeError(str(exc)) from exc
+    if SECTION in manifest.extra:
+        raise QuantizeError(f"{src} is already quantized ({manifest.extra[SECTION]['method']}): pass its fp32 source")
+    if manifest.dtype != "fp32":
+        raise QuantizeError(
+            f"{src} is a {manifest.dtype} export; int8 quantization starts from fp32: re-export with --dtype fp32"
+        )
+    if out.resolve() == src.resolve():
+        raise QuantizeError("--out must differ from the source export: the fp32 export stays as it is")
+    if out.exists() and any(out.iterdir()) and not force:
+        raise QuantizeError(f"{out} exists and is not empty: pass --force to replace it")
+    return manifest
+
+
+def _quantize_graph(src_model: Path, folder: Path, root: Path) -> mf.GraphSpec:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    root_logger = logging.getLogger()
+    level = root_logger.level
+    root_logger.setLevel(logging.ERROR)  # its advice to pre-process is for calibrated (static) quantization
+    with ScratchDir(root) as scratch:
+        raw = scratch / "model.onnx"
+        try:
+            quantize_dynamic(
+                str(src_model),
+                str(raw),
+                op_types_to_quantize=list(QUANTIZED_OPS),
+                weight_type=QuantType.QInt8,
+                use_external_data_format=True,
+                extra_options={"MatMulConstBOnly": True},  # weights only; attention's activation MatMuls stay fp32
+            )
+        finally:
+            root_logger.setLevel(level)
+        params = finalize(raw, folder)
+    for extra in src_model.parent.glob("*.json"):  # optimum's config.json travels with the graph
+        shutil.copy2(extra, folder / extra.name)
+    return describe(folder, root, params)
+
+
+def relative_errors(manifest: mf.Manifest, src: Path, quantized: Path, key: str) -> dict[str, float]:
+    """Relative L2 error of every output of ``key``, int8 against fp32, on seeded inputs at the default size."""
+    import onnxruntime as ort
+
+    lat_h, lat_w = manifest.latent_size(int(manifest.defaults["height"]), int(manifest.defaults["width"]))
+    feeds = random_feeds(manifest, key, lat_h, lat_w)
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    outputs = []
+    for root in (src, quantized):
+        session = ort.InferenceSession(str(root / manifest.graphs[key].file), opts, providers=["CPUExecutionProvider"])
+        outputs.append(session.run(None, feeds))
+        del session
+    names = [o.name for o in manifest.graphs[key].outputs]
+    return {
+        name: float(np.linalg.norm(q - f) / max(float(np.linalg.norm(f)), 1e-12))
+        for name, f, q in zip(names, *outputs, strict=True)
+    }
+
+
+def quantize_export(
+    src: Path, out: Path, force: bool = False, tolerance: float = DEFAULT_TOLERANCE
+) -> tuple[mf.Manifest, dict[str, dict[str, float]]]:
+    """Write the int8 copy of ``src`` to ``out`` (atomically); returns its manifest and the check's errors."""
+    from tqdm import tqdm
+
+    from .exporter import _publish
+
+    manifest = check_request(src, out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)  # as tgate-export: mkdtemp's 0700 would make the published folder private
+    try:
+        skip = {mf.MANIFEST_NAME, "engines", *(Path(manifest.graphs[k].file).parent.name for k in UNET_GRAPHS)}
+        for item in src.iterdir():
+            if item.name not in skip and not item.name.startswith("."):
+                (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
+        graphs = dict(manifest.graphs)
+        errors: dict[str, dict[str, float]] = {}
+        for key in tqdm(UNET_GRAPHS, desc="quantize", unit="graph"):
+            spec = manifest.graphs[key]
+            graphs[key] = _quantize_graph(src / spec.file, tmp / Path(spec.file).parent, tmp)
+            errors[key] = relative_errors(manifest, src, tmp, key)
+            worst = max(errors[key].values())
+            if not np.isfinite(worst) or worst > tolerance:
+                raise QuantizeError(
+                    f"{key}: int8 output differs from fp32 by {worst:.3g} (relative L2) > {tolerance}: this model "
+                    "does not tolerate int8 MatMuls; keep the fp32 export (or pass a larger --tolerance)"
+                )
+        section: dict[str, Any] = {
+            "method": "dynamic int8 (onnxruntime.quantization.quantize_dynamic)",
+            "ops": list(QUANTIZED_OPS),
+            "weight_type": "QInt8",
+            "graphs": list(UNET_GRAPHS),
+            "source_manifest_sha256": mf.sha256_file(src / mf.MANIFEST_NAME),
+            "check": {"metric": "relative L2 error vs fp32, seeded inputs", "tolerance": tolerance, "errors": errors},
+        }
+        extra = {k: v for k, v in manifest.extra.items() if k != "engines"}  # plans belong to the source
+        result = dataclasses.replace(manifest, graphs=graphs, extra={**extra, SECTION: section})
+        result.save(tmp)
+        mf.Manifest.load(tmp, verify=True)  # every hash written is read back before the folder goes live
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return result, errors
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="tgate-quantize", description=__doc__.splitlines()[0])
+    ap.add_argument("export", type=Path, help="an fp32 tgate-export folder")
+    ap.add_argument("--out", type=Path, required=True, help="folder for the int8 copy")
+    ap.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
+    ap.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="largest relative L2 error allowed")
+    args = ap.parse_args(argv)
+    try:
+        manifest, errors = quantize_export(args.export, args.out, args.force, args.tolerance)
+    except QuantizeError as exc:
+        print(f"tgate-quantize: error: {exc}", file=sys.stderr)
+        return 2
+    for key, errs in errors.items():
+        spec = manifest.graphs[key]
+        size = sum((args.out / f).stat().st_size for f in spec.files) / 2**20
+        print(f"{key:<14} {size:9.1f} MiB  worst relative error {max(errs.values()):.2e}")
+    print(f"wrote {args.out} (run it with: tgate-run {args.out} PROMPT)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
