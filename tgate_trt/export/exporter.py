@@ -7,8 +7,6 @@ graph passed validation, so an interrupted or failed export never leaves a half-
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib.metadata import PackageNotFoundError, version
@@ -172,17 +170,6 @@ def build_manifest(
     )
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Swap the finished temp folder into place; an old folder (``--force``) is removed only after."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def run_export(
     req: ExportRequest, progress: Callable[[str], None] | None = None
 ) -> tuple[mf.Manifest, list[Check]]:
@@ -213,10 +200,7 @@ def run_export(
     if vae_upcast(pipe, family, opts):
         pipe.vae.to(torch.float32)
 
-    req.out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{req.out.name}.tmp-", dir=req.out.parent))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would make the published folder private
-    try:
+    with mf.staged_dir(req.out) as tmp:
         _save_assets(pipe, tmp, family)
         stage(STAGES[1])
         params = export_standard_parts(pipe, tmp, opts, family)
@@ -239,8 +223,4 @@ def run_export(
         manifest = build_manifest(src, tmp, opts, params, layers, checks, family)
         manifest.extra.update(req.extra)
         manifest.save(tmp)
-        _publish(tmp, req.out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest, checks

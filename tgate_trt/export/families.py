@@ -71,7 +71,7 @@ _TINY_UNET_SDXL = {
     "projection_class_embeddings_input_dim": 6 * 8 + 32,
     "norm_num_groups": 16,
 }
-_CLIP_L = {
+CLIP_L = {
     "hidden_size": 768,
     "intermediate_size": 3072,
     "num_attention_heads": 12,
@@ -113,7 +113,7 @@ def more_architectures(base: dict[str, dict[str, Any]]) -> dict[str, dict[str, A
         "pipeline": "sdxl",
         "unet": _UNET_SDXL,
         "vae": vae_xl,
-        "text_encoder": _CLIP_L,
+        "text_encoder": CLIP_L,
         "text_encoder_2": {**_CLIP_BIGG, "pad_token": "!"},
         "scheduler": _SCHEDULER_EULER_XL,
     }

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from .families import HUB_PRESETS, build_pipeline, load_pretrained, more_architectures
+from .families import CLIP_L, HUB_PRESETS, build_pipeline, load_pretrained, more_architectures
 
 PRESETS: dict[str, str | None] = {
     "tiny": None,  # built in-process
@@ -49,7 +49,7 @@ class SourceModel:
 
 
 # --- architecture configs (kept in code so --random-weights needs no download) ----------------------
-_SCHEDULER_SD = {
+SD_SCHEDULER = {
     "_class_name": "DDIMScheduler",
     "num_train_timesteps": 1000,
     "beta_start": 0.00085,
@@ -89,15 +89,8 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
     "sd15": {
         "unet": _UNET_SD15,
         "vae": {**_VAE_SD, "sample_size": 512},
-        "text_encoder": {
-            "hidden_size": 768,
-            "intermediate_size": 3072,
-            "num_attention_heads": 12,
-            "num_hidden_layers": 12,
-            "projection_dim": 768,
-            "hidden_act": "quick_gelu",
-        },
-        "scheduler": _SCHEDULER_SD,
+        "text_encoder": CLIP_L,
+        "scheduler": SD_SCHEDULER,
     },
     "sd21": {
         "unet": {
@@ -117,7 +110,7 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
             "projection_dim": 512,
             "hidden_act": "gelu",
         },
-        "scheduler": {**_SCHEDULER_SD, "prediction_type": "v_prediction"},
+        "scheduler": {**SD_SCHEDULER, "prediction_type": "v_prediction"},
     },
     "tiny": {
         # SD-1.5 shape at toy width: VAE factor 8, cross-attention at two resolutions (7 attn2 layers).
@@ -148,7 +141,7 @@ ARCHITECTURES: dict[str, dict[str, Any]] = {
             "projection_dim": 32,
             "hidden_act": "quick_gelu",
         },
-        "scheduler": _SCHEDULER_SD,
+        "scheduler": SD_SCHEDULER,
     },
 }
 ARCHITECTURES.update(more_architectures(ARCHITECTURES))  # tiny-sd21, SDXL and LCM presets

@@ -10,8 +10,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from .. import manifest as mf
 from ..manifest import GraphSpec, TensorSpec, sha256_file
-from ..manifest import Manifest as GraphManifest
 
 PROTOBUF_LIMIT = 2 * 1024**3 - 1
 EXTERNAL_DATA = "model.onnx_data"
@@ -116,10 +116,8 @@ class ScratchDir:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
-def random_feeds(manifest: GraphManifest, key: str, lat_h: int, lat_w: int, batch: int = 1) -> dict[str, np.ndarray]:
+def random_feeds(manifest: mf.Manifest, key: str, lat_h: int, lat_w: int, batch: int = 1) -> dict[str, np.ndarray]:
     """Seeded inputs for one graph at one latent size: to time or compare graphs without a pipeline."""
-    from .. import manifest as mf
-
     rng = np.random.default_rng(0)
     dims: dict[str, int] = {mf.BATCH: batch, mf.LATENT_H: lat_h, mf.LATENT_W: lat_w}
     dims.update({mf.hw_dim(c.level): c.tokens(lat_h, lat_w) for c in manifest.cache_layers})
@@ -132,4 +130,3 @@ def random_feeds(manifest: GraphManifest, key: str, lat_h: int, lat_w: int, batc
     if mf.GUIDANCE_SCALE in out:
         out[mf.GUIDANCE_SCALE] = np.array([7.5], np.float32)
     return out
-

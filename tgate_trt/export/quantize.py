@@ -16,7 +16,6 @@ import dataclasses
 import logging
 import shutil
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -105,13 +104,8 @@ def quantize_export(
     """Write the int8 copy of ``src`` to ``out`` (atomically); returns its manifest and the check's errors."""
     from tqdm import tqdm
 
-    from .exporter import _publish
-
     manifest = check_request(src, out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # as tgate-export: mkdtemp's 0700 would make the published folder private
-    try:
+    with mf.staged_dir(out) as tmp:
         skip = {mf.MANIFEST_NAME, "engines", *(Path(manifest.graphs[k].file).parent.name for k in UNET_GRAPHS)}
         for item in src.iterdir():
             if item.name not in skip and not item.name.startswith("."):
@@ -139,11 +133,6 @@ def quantize_export(
         extra = {k: v for k, v in manifest.extra.items() if k != "engines"}  # plans belong to the source
         result = dataclasses.replace(manifest, graphs=graphs, extra={**extra, SECTION: section})
         result.save(tmp)
-        mf.Manifest.load(tmp, verify=True)  # every hash written is read back before the folder goes live
-        _publish(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return result, errors
 
 

@@ -18,7 +18,6 @@ import os
 import shutil
 import sys
 import sysconfig
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,9 +143,7 @@ def generate_repository(export_dir: str | os.PathLike[str], repo: str | os.PathL
     }
     config = render_config(opts.name, form=opts.form, kind=opts.kind, instances=opts.instances, parameters=params)
 
-    repo.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{opts.name}.", dir=repo))
-    try:
+    with mf.staged_dir(target) as tmp:
         version = tmp / VERSION
         version.mkdir()
         if opts.form == "model":
@@ -154,23 +151,7 @@ def generate_repository(export_dir: str | os.PathLike[str], repo: str | os.PathL
         if not opts.link:
             shutil.copytree(export_dir, version / ARTIFACTS)
         (tmp / "config.pbtxt").write_text(config)
-        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would hide the model from a server run as another user
-        _replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target
-
-
-def _replace(tmp: Path, target: Path) -> None:
-    """Rename ``tmp`` to ``target``; an existing target (--force) is moved aside first, then deleted."""
-    old = None
-    if target.exists():
-        old = target.with_name(f".{target.name}.old.{os.getpid()}")
-        target.rename(old)
-    tmp.rename(target)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def install_backend(backends_dir: str | os.PathLike[str]) -> Path:

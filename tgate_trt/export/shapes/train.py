@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ..models import SD_SCHEDULER
 from . import data
 from .tokenizer import MAX_LENGTH, word_tokenizer
 
@@ -61,17 +62,7 @@ UNET_CONFIG: dict[str, Any] = {
     "attention_head_dim": 8,
     "norm_num_groups": 16,
 }
-SCHEDULER_CONFIG: dict[str, Any] = {  # Stable Diffusion 1.5's
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-    "clip_sample": False,
-    "set_alpha_to_one": False,
-    "steps_offset": 1,
-    "prediction_type": "epsilon",
-    "timestep_spacing": "leading",
-}
+SCHEDULER_CONFIG: dict[str, Any] = {k: v for k, v in SD_SCHEDULER.items() if not k.startswith("_")}  # SD-1.5's
 
 
 @dataclass
