@@ -22,6 +22,16 @@ def tiny_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def shapes_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The trained ``shapes`` model, exported once per test session."""
+    from tgate_trt.export.exporter import ExportRequest, run_export
+
+    out = tmp_path_factory.mktemp("exports") / "shapes"
+    run_export(ExportRequest("shapes", out))
+    return out
+
+
+@pytest.fixture(scope="session")
 def model_export(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """One export per tiny variant (``tiny-sdxl``, ``tiny-lcm``, ...) per test session, made on first use."""
     from tgate_trt.export.exporter import ExportRequest, run_export
@@ -43,3 +53,26 @@ def tiny_pipe():
     from tgate_trt.export.models import build_tiny
 
     return build_tiny()
+
+
+# One prompt per colour, every shape and position at least once (the judged checks of shapes).
+CHECK_PROMPTS = [
+    ("red", "circle", "left"),
+    ("green", "square", "right"),
+    ("blue", "triangle", "top"),
+    ("yellow", "circle", "bottom"),
+    ("purple", "square", "center"),
+    ("red", "triangle", "right"),
+]
+
+
+@pytest.fixture(scope="session")
+def check_prompts() -> Callable[[], list]:
+    """The judged prompts of ``shapes`` as ``data.Spec`` (a function, so the import stays lazy)."""
+
+    def specs() -> list:
+        from tgate_trt.export.shapes import data
+
+        return [data.Spec(c, s, p) for c, s, p in CHECK_PROMPTS]
+
+    return specs

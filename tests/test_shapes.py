@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -97,46 +98,28 @@ def test_shipped_weights_load_offline_and_match_their_hashes(tmp_path: Path) -> 
         load(copy)
 
 
-@pytest.fixture(scope="module")
-def shapes_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    from tgate_trt.export.exporter import ExportRequest, run_export
-
-    out = tmp_path_factory.mktemp("exports") / "shapes"
-    run_export(ExportRequest("shapes", out))
-    return out
-
-
-# One prompt per colour, every shape and position at least once; fixed seeds.
-CHECK_PROMPTS = [
-    ("red", "circle", "left"),
-    ("green", "square", "right"),
-    ("blue", "triangle", "top"),
-    ("yellow", "circle", "bottom"),
-    ("purple", "square", "center"),
-    ("red", "triangle", "right"),
-]
-
-
-def test_shapes_draws_what_it_is_asked(shapes_export: Path) -> None:
+def test_shapes_draws_what_it_is_asked(shapes_export: Path, check_prompts: Callable[[], list[data.Spec]]) -> None:
     """Judged on the ORT pipeline with and without the gate: the model draws the prompt, and gating at
     step 10 of 25 keeps it."""
     from tgate_trt.runtime.pipeline import TGatePipeline
 
     pipe = TGatePipeline.from_export(shapes_export)
-    specs = [data.Spec(c, s, p) for c, s, p in CHECK_PROMPTS]
+    specs = check_prompts()
     for gate in (25, 10):
         result = pipe([s.caption for s in specs], num_inference_steps=25, gate_step=gate, seed=0)
         acc = accuracy([np.asarray(im) for im in result.images], specs)
         assert acc["color"] == 1.0 and acc["position"] == 1.0 and acc["shape"] >= 5 / 6, (gate, acc)
 
 
-def test_int8_copy_still_draws_what_it_is_asked(shapes_export: Path, tmp_path: Path) -> None:
+def test_int8_copy_still_draws_what_it_is_asked(
+    shapes_export: Path, tmp_path: Path, check_prompts: Callable[[], list[data.Spec]]
+) -> None:
     """tgate-quantize's int8 MatMuls keep the picture: same judge, same prompts, gate 10 of 25."""
     from tgate_trt.export.quantize import quantize_export
     from tgate_trt.runtime.pipeline import TGatePipeline
 
     quantize_export(shapes_export, tmp_path / "int8")
-    specs = [data.Spec(c, s, p) for c, s, p in CHECK_PROMPTS]
+    specs = check_prompts()
     result = TGatePipeline.from_export(tmp_path / "int8")([s.caption for s in specs], gate_step=10, seed=0)
     acc = accuracy([np.asarray(im) for im in result.images], specs)
     assert acc["color"] == 1.0 and acc["position"] == 1.0 and acc["shape"] >= 5 / 6, acc

@@ -36,6 +36,8 @@ except TritonUnavailable as _exc:
 MODEL = "tgate_py"  # model.py form, 2 instances, artifacts linked
 BACKEND_MODEL = "tgate_be"  # backend "tgate" form, artifacts copied
 FAMILY_MODELS = {"tiny-sdxl": "tgate_sdxl", "tiny-lcm": "tgate_lcm"}  # other model families, 1 instance each
+OV_MODEL = "tgate_ov"  # --backend openvino: artifacts copied with their OpenVINO build
+HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 MAX_STEPS = 8
 STEPS, GATE = 4, 2  # the models' default steps and gate
 THREADS = 1  # ORT threads, the same here and in the server so the float results are bit-identical
@@ -64,8 +66,24 @@ def _generate_repo(export: Path, repo: Path, name: str, *extra: str) -> None:
 
 
 @pytest.fixture(scope="module")
+def ov_export(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path | None:
+    """A copy of the tiny export with an OpenVINO build at the default precision (None without openvino)."""
+    if not HAS_OPENVINO:
+        return None
+    from tgate_trt.engines import cli as build_cli
+
+    export = tmp_path_factory.mktemp("triton-ov") / "tiny"
+    shutil.copytree(tiny_export, export)
+    assert build_cli.main([str(export), "--target", "openvino"]) == 0
+    return export
+
+
+@pytest.fixture(scope="module")
 def server(
-    tiny_export: Path, model_export: Callable[[str], Path], tmp_path_factory: pytest.TempPathFactory
+    tiny_export: Path,
+    model_export: Callable[[str], Path],
+    ov_export: Path | None,
+    tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[TritonServer]:
     root = tmp_path_factory.mktemp("triton")
     repo = root / "repo"
@@ -76,6 +94,9 @@ def server(
     # Explicit model control: these models load at start; others (a tampered copy) load on demand.
     args = ["--model-control-mode=explicit", f"--load-model={MODEL}", f"--load-model={BACKEND_MODEL}"]
     args += [f"--load-model={name}" for name in FAMILY_MODELS.values()]
+    if ov_export is not None:
+        _generate_repo(ov_export, repo, OV_MODEL, "--backend", "openvino")
+        args.append(f"--load-model={OV_MODEL}")
     srv = TritonServer(repo, root / "work", extra_args=args)
     srv.start()
     try:
@@ -209,6 +230,22 @@ def test_other_model_families_are_served(
             client_script.generate(client, module, FAMILY_MODELS[variant], "a blue square", negative_prompt="red")
         again = client_script.generate(client, module, FAMILY_MODELS[variant], "a blue square", **params)
         np.testing.assert_array_equal(again, image)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_OPENVINO, reason="openvino (the openvino extra) is not installed")
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_openvino_form_equals_local_pipeline(server: TritonServer, ov_export: Path | None, protocol: str) -> None:
+    """--backend openvino: the served image is the local OpenVINO pipeline's, to the bit."""
+    assert ov_export is not None
+    local = TGatePipeline.from_export(ov_export, backend="openvino", threads=THREADS)
+    client, module = _client(server, protocol)
+    image = client_script.generate(client, module, OV_MODEL, "a red circle on the left", **REQUEST)
+    np.testing.assert_array_equal(image, _expected(local, "a red circle on the left", **REQUEST))
+    # ... and differs from the ORT model's by the bf16 rounding (on CPUs with bf16), so the backend is real
+    ort = client_script.generate(client, module, MODEL, "a red circle on the left", **REQUEST)
+    section = local.manifest.extra["engines"]["openvino"]
+    assert (section["precision"] == "f32") or not np.array_equal(image, ort)
 
 
 @pytest.mark.slow

@@ -8,43 +8,70 @@ from pathlib import Path
 
 from ..manifest import ManifestError
 from .build import TensorRTMissing, build_engines, import_tensorrt
+from .openvino import DEVICES as OV_DEVICES
+from .openvino import OV_DIR, OpenVINOBuildError, OpenVINOMissing, build_openvino, format_validation
+from .openvino import PRECISIONS as OV_PRECISIONS
 from .options import HARDWARE_COMPAT, BuildOptions, parse_range
+
+TARGETS = ("tensorrt", "openvino")
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="tgate-build", description="Build TensorRT engines from a tgate-export folder."
+        prog="tgate-build",
+        description="Build engines from a tgate-export folder: TensorRT plans (NVIDIA GPUs) or OpenVINO IR "
+        "(Intel CPUs and GPUs).",
     )
     p.add_argument("export_dir", type=Path, help="folder written by tgate-export")
-    p.add_argument("--out", type=Path, default=None, help="where plans go (default: EXPORT_DIR/engines)")
-    p.add_argument("--batch", type=int, default=1, help="images per prompt (optimal batch)")
-    p.add_argument("--height", type=int, default=None, help="image height (default: the export's)")
-    p.add_argument("--width", type=int, default=None, help="image width (default: the export's)")
-    p.add_argument("--fp16", action="store_true", help="fp16 kernels (FP16 flag on fp32 exports)")
     p.add_argument(
+        "--target", default="tensorrt", choices=TARGETS, help="engine kind (default: tensorrt)"
+    )
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="where engines go (default: EXPORT_DIR/engines for TensorRT, EXPORT_DIR/openvino for OpenVINO, "
+        "which must be a folder directly inside EXPORT_DIR)",
+    )
+    ov = p.add_argument_group("OpenVINO (--target openvino)")
+    ov.add_argument(
+        "--precision",
+        default=None,
+        choices=OV_PRECISIONS,
+        help="bf16 (CPUs with AMX/AVX-512 BF16), f16 (Intel GPUs), f32, or int8w (NNCF int8 weights); "
+        "default: bf16 where the CPU has it, else f32; f16 on GPU",
+    )
+    ov.add_argument("--device", default="CPU", choices=OV_DEVICES, help="OpenVINO device (default: CPU)")
+    ov.add_argument("--threads", type=int, default=0, help="inference threads (default: 0 = every core allowed)")
+    trt = p.add_argument_group("TensorRT (--target tensorrt)")
+    trt.add_argument("--batch", type=int, default=1, help="images per prompt (optimal batch)")
+    trt.add_argument("--height", type=int, default=None, help="image height (default: the export's)")
+    trt.add_argument("--width", type=int, default=None, help="image width (default: the export's)")
+    trt.add_argument("--fp16", action="store_true", help="fp16 kernels (FP16 flag on fp32 exports)")
+    trt.add_argument(
         "--strongly-typed",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="keep the ONNX types (default: on for fp16 exports)",
     )
-    p.add_argument(
+    trt.add_argument(
         "--dynamic",
         action="append",
         default=[],
         metavar="NAME=MIN:MAX",
         help="dynamic range for batch, height or width (repeatable; default: static, CUDA-graph ready)",
     )
-    p.add_argument("--timing-cache", type=Path, default=None, help="timing cache file, read and updated")
-    p.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0..5")
-    p.add_argument("--workspace-gib", type=float, default=None, help="workspace memory limit in GiB")
-    p.add_argument("--hardware-compat", default="none", choices=tuple(HARDWARE_COMPAT))
-    p.add_argument(
+    trt.add_argument("--timing-cache", type=Path, default=None, help="timing cache file, read and updated")
+    trt.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0..5")
+    trt.add_argument("--workspace-gib", type=float, default=None, help="workspace memory limit in GiB")
+    trt.add_argument("--hardware-compat", default="none", choices=tuple(HARDWARE_COMPAT))
+    trt.add_argument(
         "--version-compatible", action="store_true", help="plans for later TensorRT (lean runtime)"
     )
-    p.add_argument(
+    trt.add_argument(
         "--exclude-lean-runtime", action="store_true", help="with --version-compatible: smaller plans"
     )
-    p.add_argument(
+    trt.add_argument(
         "--strip-weights", action="store_true", help="weightless plans, refitted from the ONNX at load"
     )
     return p
@@ -55,8 +82,32 @@ def _fail(msg: str) -> int:
     return 2
 
 
+def _openvino(args: argparse.Namespace) -> int:
+    export = args.export_dir
+    out = args.out or export / OV_DIR
+    if out.resolve().parent != export.resolve():
+        return _fail(f"--out for OpenVINO must be a folder directly inside {export} (the manifest names it), got {out}")
+    if args.threads < 0:
+        return _fail(f"--threads must be >= 0, got {args.threads}")
+    try:
+        section = build_openvino(export, out.name, args.precision, args.device, args.threads)
+    except (OpenVINOMissing, OpenVINOBuildError, ManifestError, ValueError) as exc:
+        return _fail(str(exc))
+    print(format_validation(section["validation"]["rows"]))
+    size = sum((export / rel).stat().st_size for g in section["graphs"].values() for rel in g["files"]) / 2**20
+    print(
+        f"OpenVINO {section['openvino']} on {section['device']} ({section['device_name']}), {section['precision']}: "
+        f"wrote {out} ({size:.1f} MiB) and its section in {export / 'manifest.json'}; "
+        f"run with: tgate-run {export} PROMPT --backend openvino"
+        + ("" if out.name == OV_DIR else f" --engines {out.name}")
+    )
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if args.target == "openvino":
+        return _openvino(args)
     try:
         options = BuildOptions(
             fp16=args.fp16,

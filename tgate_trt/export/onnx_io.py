@@ -119,7 +119,7 @@ class ScratchDir:
 def random_feeds(manifest: mf.Manifest, key: str, lat_h: int, lat_w: int, batch: int = 1) -> dict[str, np.ndarray]:
     """Seeded inputs for one graph at one latent size: to time or compare graphs without a pipeline."""
     rng = np.random.default_rng(0)
-    dims: dict[str, int] = {mf.BATCH: batch, mf.LATENT_H: lat_h, mf.LATENT_W: lat_w}
+    dims: dict[str, int] = {mf.BATCH: batch, "batch_size": batch, mf.LATENT_H: lat_h, mf.LATENT_W: lat_w}
     dims.update({mf.hw_dim(c.level): c.tokens(lat_h, lat_w) for c in manifest.cache_layers})
     out = {}
     for t in manifest.graphs[key].inputs:

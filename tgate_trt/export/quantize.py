@@ -106,7 +106,8 @@ def quantize_export(
 
     manifest = check_request(src, out, force)
     with mf.staged_dir(out) as tmp:
-        skip = {mf.MANIFEST_NAME, "engines", *(Path(manifest.graphs[k].file).parent.name for k in UNET_GRAPHS)}
+        skip = {mf.MANIFEST_NAME, "engines", *manifest.extra.get("engines", {})}  # builds belong to the source
+        skip |= {Path(manifest.graphs[k].file).parent.name for k in UNET_GRAPHS}
         for item in src.iterdir():
             if item.name not in skip and not item.name.startswith("."):
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)

@@ -27,7 +27,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="images per prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scheduler", default=None, choices=SCHEDULERS, help="default: the export's own (else ddim)")
-    p.add_argument("--backend", default="ort", choices=BACKENDS)
+    p.add_argument(
+        "--backend",
+        default="ort",
+        choices=BACKENDS,
+        help="ort (ONNX Runtime, default), openvino (needs tgate-build --target openvino) or trt (TensorRT)",
+    )
+    p.add_argument(
+        "--engines", default=None, help="OpenVINO build folder inside the export (default: openvino)"
+    )
+    p.add_argument("--threads", type=int, default=0, help="intra-op threads (default: 0 = the backend's choice)")
     p.add_argument("--out", type=Path, default=Path("image.png"), help="PNG path (index added for batch > 1)")
     return p
 
@@ -41,12 +50,16 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch < 1:
         return _fail(f"--batch must be >= 1, got {args.batch}")
+    if args.engines is not None and args.backend != "openvino":
+        return _fail("--engines names an OpenVINO build: use it with --backend openvino")
     if args.out.suffix.lower() != ".png":
         return _fail(f"--out must be a .png path, got {args.out}")
     if not args.out.parent.exists():
         return _fail(f"the folder of --out ({args.out.parent}) does not exist")
     try:
-        pipe = TGatePipeline.from_export(args.export_dir, backend=args.backend)
+        pipe = TGatePipeline.from_export(
+            args.export_dir, backend=args.backend, threads=args.threads, engines=args.engines
+        )
         prompts = [args.prompt] * args.batch
         defaults = pipe.manifest.defaults
         h = args.height or defaults["height"]

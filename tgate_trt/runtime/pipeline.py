@@ -28,7 +28,7 @@ _SCHEDULER_NAMES = {
     "DPMSolverMultistepScheduler": "dpm++",
     "LCMScheduler": "lcm",
 }
-BACKENDS = ("ort", "trt")
+BACKENDS = ("ort", "openvino", "trt")
 MAX_STEPS = mf.MAX_STEPS
 
 
@@ -84,27 +84,44 @@ class TGatePipeline:
 
     @classmethod
     def from_export(
-        cls, root: str | Path, backend: str = "ort", providers: list[str] | None = None, threads: int = 0
+        cls,
+        root: str | Path,
+        backend: str = "ort",
+        providers: list[str] | None = None,
+        threads: int = 0,
+        engines: str | None = None,
+        device: str | None = None,
+        cache_dir: str | Path | None = None,
     ) -> TGatePipeline:
-        """Load an export folder; every file is checked against its sha256 first."""
+        """Load an export folder; every file is checked against its sha256 first.
+
+        OpenVINO: ``engines`` names the build folder inside the export (default ``openvino``), ``device``
+        must be the one it was built for (default: that one), ``cache_dir`` keeps compiled models
+        (default ``~/.cache/tgate-trt/openvino``; ``""`` disables)."""
         from transformers import CLIPTokenizer
 
         if backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         root = Path(root)
-        manifest = mf.Manifest.load(root, verify=True)
-        engines: dict[str, Engine]
+        # OpenVINO reads its IR (checked by its loader), not the ONNX graphs
+        manifest = mf.Manifest.load(root, verify=backend != "openvino")
+        loaded: dict[str, Engine]
         if backend == "trt":
             from .trt_engine import load_engines  # TensorRT and CUDA are imported only here
 
-            engines = dict(load_engines(root))
+            loaded = dict(load_engines(root))
+        elif backend == "openvino":
+            from .ov_engine import OV_DIR
+            from .ov_engine import load_engines as load_ov
+
+            loaded = dict(load_ov(root, manifest, engines or OV_DIR, device, threads, cache_dir))
         else:
-            engines = {
+            loaded = {
                 key: OrtEngine(key, root / spec.file, spec, providers, threads)
                 for key, spec in manifest.graphs.items()
             }
         tokenizer = CLIPTokenizer.from_pretrained(str(root / manifest.text["tokenizer"]))
-        return cls(root, manifest, engines, tokenizer)
+        return cls(root, manifest, loaded, tokenizer)
 
     # --- checks, before any heavy work -----------------------------------------------------------
     def check(

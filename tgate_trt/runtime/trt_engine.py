@@ -263,7 +263,7 @@ def load_engines(
     path = folder / ENGINES_JSON
     if path.is_file():
         section = json.loads(path.read_text())
-    elif "engines" in manifest.extra:
+    elif "plans" in manifest.extra.get("engines", {}):
         section = manifest.extra["engines"]
     else:
         raise mf.ManifestError(f"{path} does not exist: build engines first (tgate-build {root})")

@@ -1,6 +1,6 @@
 """``tgate-triton``: a Triton model repository for an export, the ``tgate`` backend, and a local server.
 
-tgate-triton EXPORT_DIR --repo OUT [--name sd15_tgate] [--kind cpu|gpu] [--instances N] [--backend ort|trt]
+tgate-triton EXPORT_DIR --repo OUT [--name sd15_tgate] [--kind cpu|gpu] [--instances N] [--backend ort|openvino|trt]
 tgate-triton --as-backend DIR          # install DIR/tgate/model.py (Python-based backend)
 tgate-triton --serve OUT               # run the nvidia-pytriton tritonserver on a repository
 """
@@ -38,9 +38,12 @@ def build_parser() -> argparse.ArgumentParser:
         choices=FORMS,
         help='"model": model.py in the version folder; "backend": config says backend "tgate" (--as-backend)',
     )
+    g.add_argument(
+        "--engines", default="", help="with --backend openvino: build folder inside the export (default: openvino)"
+    )
     g.add_argument("--link", action="store_true", help="reference EXPORT_DIR instead of copying it")
     g.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS, help="requests asking more steps fail")
-    g.add_argument("--threads", type=int, default=0, help="ORT intra-op threads per instance (0: ORT default)")
+    g.add_argument("--threads", type=int, default=0, help="threads per instance (0: the backend's default)")
     g.add_argument("--steps", type=int, default=None, help="default steps (default: the export's)")
     g.add_argument("--gate", type=int, default=None, help="default gate step (default: the export's)")
     g.add_argument("--guidance", type=float, default=None, help="default guidance scale (default: the export's)")
@@ -105,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
         link=args.link,
         max_steps=args.max_steps,
         threads=args.threads,
+        engines=args.engines,
         steps=args.steps,
         gate_step=args.gate,
         guidance_scale=args.guidance,

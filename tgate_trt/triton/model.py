@@ -81,7 +81,11 @@ class TritonPythonModel:
         backend = params.get("backend", "ort")
         providers = ["CPUExecutionProvider"] if kind == "CPU" and backend == "ort" else None  # KIND_CPU: no CUDA
         self.pipe = TGatePipeline.from_export(
-            artifacts, backend=backend, providers=providers, threads=int(params.get("threads", "0") or 0)
+            artifacts,
+            backend=backend,
+            providers=providers,
+            threads=int(params.get("threads", "0") or 0),
+            engines=params.get("engines") or None,
         )
         pb_utils.Logger.log_info(
             f"{self.name}: loaded {artifacts} ({backend}, {kind}) in {time.perf_counter() - start:.1f}s"

@@ -28,7 +28,7 @@ from .contract import DEFAULT_MAX_STEPS, Settings
 MODEL_FILE = Path(__file__).with_name("model.py")
 VERSION = "1"
 ARTIFACTS = "artifacts"
-BACKENDS = ("ort", "trt")
+BACKENDS = ("ort", "openvino", "trt")
 
 
 class RepositoryError(RuntimeError):
@@ -44,7 +44,8 @@ class RepoOptions:
     backend: str = "ort"
     link: bool = False  # reference the export folder instead of copying it
     max_steps: int = DEFAULT_MAX_STEPS
-    threads: int = 0  # ORT intra-op threads per instance (0: ORT's default)
+    threads: int = 0  # intra-op threads per instance (0: the backend's default)
+    engines: str = ""  # OpenVINO build folder inside the export ("": openvino)
     steps: int | None = None  # defaults for requests that leave them out (None: the export's)
     gate_step: int | None = None
     guidance_scale: float | None = None
@@ -64,6 +65,10 @@ class RepoOptions:
             raise RepositoryError(f"--backend must be one of {', '.join(BACKENDS)}, got {self.backend!r}")
         if self.backend == "trt" and self.kind != "gpu":
             raise RepositoryError("--backend trt runs TensorRT engines on a GPU: use it with --kind gpu")
+        if self.backend == "openvino" and self.kind != "cpu":
+            raise RepositoryError("--backend openvino serves OpenVINO CPU builds: use it with --kind cpu")
+        if self.engines and self.backend != "openvino":
+            raise RepositoryError("--engines names an OpenVINO build: use it with --backend openvino")
         if self.instances < 1:
             raise RepositoryError(f"--instances must be >= 1, got {self.instances}")
         if self.threads < 0:
@@ -112,7 +117,7 @@ def _settings(manifest: mf.Manifest, opts: RepoOptions) -> Settings:
 
 
 def has_engines(export_dir: Path, manifest: mf.Manifest) -> bool:
-    return (export_dir / "engines" / "engines.json").is_file() or "engines" in manifest.extra
+    return (export_dir / "engines" / "engines.json").is_file() or "plans" in manifest.extra.get("engines", {})
 
 
 def generate_repository(export_dir: str | os.PathLike[str], repo: str | os.PathLike[str], opts: RepoOptions) -> Path:
@@ -130,6 +135,13 @@ def generate_repository(export_dir: str | os.PathLike[str], repo: str | os.PathL
             f"tgate-build {export_dir} (on the serving GPU) before starting the server",
             file=sys.stderr,
         )
+    if opts.backend == "openvino":
+        from ..runtime.ov_engine import OV_DIR, find_section, verify_files
+
+        try:
+            verify_files(export_dir, find_section(export_dir, manifest, opts.engines or OV_DIR))
+        except mf.ManifestError as exc:
+            raise RepositoryError(str(exc)) from exc
     target = repo / opts.name
     if target.exists() and not opts.force:
         raise RepositoryError(f"{target} exists: pass --force to replace it")
@@ -139,6 +151,7 @@ def generate_repository(export_dir: str | os.PathLike[str], repo: str | os.PathL
         "artifacts": str(export_dir) if opts.link else f"{VERSION}/{ARTIFACTS}",
         "backend": opts.backend,
         "threads": str(opts.threads),
+        "engines": opts.engines,
         **opts.extra,
     }
     config = render_config(opts.name, form=opts.form, kind=opts.kind, instances=opts.instances, parameters=params)

@@ -1,0 +1,152 @@
+"""OpenVINO backend of the runtime's :class:`Engine` interface: one compiled model and infer request per graph.
+
+The tensors a call returns are the infer request's own ``ov.Tensor`` outputs. Bound as another request's
+input (``set_tensor``) an ``ov.Tensor`` is shared, not copied, so the pre-gate graph's caches reach the
+post-gate graph without a copy. Compiled models go to a cache directory (OpenVINO's ``CACHE_DIR``), so a
+second start maps the compiled blob instead of compiling again.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .. import manifest as mf
+from ..engines.openvino import OV_DIR, TARGET, compile_config, import_openvino
+
+CACHE_ENV = "TGATE_OV_CACHE"
+
+
+class OvMismatch(mf.ManifestError):
+    """The IR was built by another OpenVINO, for another device, or changed since the build."""
+
+
+def default_cache_dir() -> Path:
+    """``$TGATE_OV_CACHE``, else ``$XDG_CACHE_HOME/tgate-trt/openvino`` (``~/.cache`` by default).
+
+    Outside the export on purpose: an export's files are all under sha256, and a Triton copy of it may be
+    read-only.
+    """
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV])
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "tgate-trt" / "openvino"
+
+
+def find_section(root: Path, manifest: mf.Manifest, name: str) -> dict[str, Any]:
+    section = manifest.extra.get("engines", {}).get(name)
+    if not isinstance(section, dict) or section.get("target") != TARGET:
+        raise mf.ManifestError(
+            f"{root} has no OpenVINO build named {name!r}: run tgate-build {root} --target openvino"
+            + ("" if name == OV_DIR else f" --out {root / name}")
+        )
+    return section
+
+
+def check_section(section: Mapping[str, Any], *, ov_version: str, device: str) -> None:
+    """Refuse IR built by another OpenVINO or for another device (precision and validation are per device)."""
+    built = str(section.get("openvino"))
+    if built != ov_version:
+        raise OvMismatch(
+            f"this OpenVINO build was made with OpenVINO {built}, this is OpenVINO {ov_version}: rebuild it here "
+            "with tgate-build --target openvino"
+        )
+    if section.get("device") != device:
+        raise OvMismatch(
+            f"this OpenVINO build was made and validated for {section.get('device')}, not {device}: rebuild it "
+            f"with tgate-build --target openvino --device {device}"
+        )
+
+
+def verify_files(root: Path, section: Mapping[str, Any]) -> None:
+    """Every ``.xml`` and ``.bin`` against its sha256; the message names the file."""
+    for graph in section["graphs"].values():
+        for rel, digest in graph["files"].items():
+            path = root / rel
+            if not path.is_file():
+                raise OvMismatch(f"{path} is missing: rebuild with tgate-build --target openvino")
+            if mf.sha256_file(path) != digest:
+                raise OvMismatch(
+                    f"{path} does not match its sha256 in {mf.MANIFEST_NAME}: the file was modified; rebuild with "
+                    "tgate-build --target openvino"
+                )
+
+
+class OvEngine:
+    """A compiled OpenVINO model behind the :class:`Engine` protocol (inputs and outputs: ``ov.Tensor``)."""
+
+    def __init__(self, name: str, spec: mf.GraphSpec, compiled: Any) -> None:
+        import openvino as ov
+
+        self._ov, self.name, self.spec, self.compiled = ov, name, spec, compiled
+        self.request = compiled.create_infer_request()
+        self.dtypes = {t.name: np.dtype(t.dtype) for t in [*spec.inputs, *spec.outputs]}
+        self.output_names = [o.name for o in spec.outputs]
+        self.calls, self.seconds = 0, 0.0
+
+    @property
+    def loaded_from_cache(self) -> bool:
+        return bool(self.compiled.get_property("LOADED_FROM_CACHE"))
+
+    def asarray(self, array: np.ndarray, name: str | None = None) -> Any:
+        """A tensor that owns a copy of ``array`` (host inputs are small: latents, states, scalars)."""
+        if name is not None:
+            array = array.astype(self.dtypes[name], copy=False)
+        return self._ov.Tensor(np.ascontiguousarray(array), shared_memory=False)
+
+    def numpy(self, value: Any) -> np.ndarray:
+        """A host copy: the request reuses its output memory on the next call."""
+        return np.array(value.data, copy=True)
+
+    def __call__(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
+        start = time.perf_counter()
+        for name, value in feeds.items():
+            self.request.set_tensor(name, self.asarray(value, name) if isinstance(value, np.ndarray) else value)
+        self.request.infer()
+        outputs = {name: self.request.get_tensor(name) for name in self.output_names}
+        self.calls += 1
+        self.seconds += time.perf_counter() - start
+        return outputs
+
+
+def load_engines(
+    root: Path,
+    manifest: mf.Manifest,
+    name: str = OV_DIR,
+    device: str | None = None,
+    threads: int = 0,
+    cache_dir: str | os.PathLike[str] | None = None,
+) -> dict[str, OvEngine]:
+    """Every graph of the build ``root/<name>``, checked (version, device, sha256) before compiling.
+
+    ``cache_dir``: where compiled blobs are kept (default :func:`default_cache_dir`; ``""`` disables).
+    """
+    section = find_section(root, manifest, name)
+    ov = import_openvino()
+    device = device or str(section["device"])
+    check_section(section, ov_version=ov.get_version(), device=device)
+    core = ov.Core()
+    seen = [d.split(".")[0] for d in core.available_devices]
+    if device not in seen:
+        raise OvMismatch(
+            f"this OpenVINO build was made for {device}, which OpenVINO does not see here (it has "
+            f"{', '.join(seen)}): rebuild it with tgate-build --target openvino --device {seen[0]}"
+        )
+    verify_files(root, section)
+    cache = default_cache_dir() if cache_dir is None else Path(cache_dir) if cache_dir else None
+    if cache is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        core.set_property({"CACHE_DIR": str(cache)})
+    engines = {}
+    for key, spec in manifest.graphs.items():
+        graph = section["graphs"].get(key)
+        if graph is None:
+            raise OvMismatch(f"the OpenVINO build {name!r} has no {key}: rebuild with tgate-build --target openvino")
+        config = compile_config(graph["inference"], device, threads or int(section["options"].get("threads", 0)))
+        engines[key] = OvEngine(key, spec, core.compile_model(str(root / graph["xml"]), device, config))
+    return engines
