@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from tgate_trt.engines import cli as build_cli
 from tgate_trt.export.quantize import quantize_export
-from tgate_trt.runtime.bench import main
+from tgate_trt.runtime.bench import choose_variants, main, markdown, parse_variants, targets
+
+TINY = ["--model", "tiny", "--height", "64", "--width", "64", "--steps", "6", "--gate", "2", "--runs", "1"]
 
 
 def test_bench_writes_table_json_and_plot(tiny_export: Path, tmp_path: Path) -> None:
@@ -50,13 +55,111 @@ def test_bench_writes_table_json_and_plot(tiny_export: Path, tmp_path: Path) -> 
     assert "vs (c)" in (out / "bench.md").read_text()
     assert Image.open(out / "bench.png").size[0] > 0
     assert data["meta"]["settings"]["gate"] == "2"
+    # (d)'s post-/pre-gate step time beside r, counted off tiny's graphs (no (h) row: no speed targets)
+    step = data["targets"]["step_ratios"]["d"]
+    assert step["step_time_ratio"] > 0 and 0.3 < step["mac_ratio"] < 0.6 and "counted" in step["mac_ratio_source"]
+    assert data["targets"]["speedups"] == [] and "## Targets" in (out / "bench.md").read_text()
 
 
-def test_bench_refuses_bad_input(tiny_export: Path, tmp_path: Path) -> None:
+def test_bench_runs_bf16_torch_and_openvino_peer(tiny_export: Path, tmp_path: Path) -> None:
+    """(b16): the authors' tgate under bf16 autocast; (f): optimum-intel's OpenVINO pipeline, exported here."""
+    pytest.importorskip("openvino", reason="variant (f) runs on OpenVINO")
+    pytest.importorskip("optimum.intel", reason="variant (f) is optimum-intel's pipeline")
+    pytest.importorskip("tgate", reason="variant (b16) is the authors' tgate package")
+    out = tmp_path / "bench"
+    args = [*TINY, "--export", str(tiny_export), "--variants", "b16,f", "--ov-precision", "f32", "--out", str(out)]
+    assert main([*args, "--optimum-intel-dir", str(tmp_path / "ov")]) == 0
+    by = {r["variant"]: r for r in json.loads((out / "bench.json").read_text())["results"]}
+    assert by["b16"]["ok"], by["b16"].get("error")
+    assert by["b16"]["median"]["total"] > 0 and by["b16"]["median"]["postgate"] > 0  # gated at 2 of 6
+    assert by["f"]["ok"], by["f"].get("error")
+    f = by["f"]["median"]
+    assert f["total"] > 0 and f["text_encoder"] > 0 and f["pregate"] > 0 and f["vae_decoder"] > 0
+    assert f["postgate"] == 0 and by["f"]["precision"] == "f32"
+    assert (tmp_path / "ov" / "source.json").is_file()  # kept for the next sitting
+    assert "(f) optimum-intel OVStableDiffusionPipeline, f32" in (out / "bench.md").read_text()
+
+
+def test_bench_runs_ours_on_openvino(tiny_export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """(g), (h), (h-int8w) on builds made by tgate-build, beside (c): rows, Targets and refusals."""
+    pytest.importorskip("openvino", reason="variants (g), (h), (h-int8w) run on OpenVINO")
+    pytest.importorskip("nncf", reason="the int8w build compresses weights with NNCF")
+    monkeypatch.setenv("TGATE_OV_CACHE", str(tmp_path / "ov-cache"))  # inherited by the rows' processes
+    export = tmp_path / "tiny"
+    shutil.copytree(tiny_export, export)
+    for precision, name in (("f32", "openvino"), ("int8w", "openvino-int8w")):
+        argv = [str(export), "--target", "openvino", "--precision", precision, "--out", str(export / name)]
+        assert build_cli.main(argv) == 0
+    ns = argparse.Namespace(
+        variants=None, export=export, ov_precision="f32", ov_build="openvino", ov_int8w_build="openvino-int8w"
+    )
+    assert choose_variants(argparse.Namespace(**vars(ns), int8_export=None))[6:] == ["f", "g", "h", "h-int8w"]
+    base = [*TINY, "--export", str(export), "--out", str(tmp_path / "bench")]
+    assert main([*base, "--variants", "h", "--ov-precision", "bf16"]) == 2  # the build is f32
+    assert main([*base, "--variants", "h-int8w", "--ov-int8w-build", "openvino"]) == 2  # not an int8w build
+    assert main([*base, "--variants", "c,g,h,h-int8w", "--ov-precision", "f32"]) == 0
+    data = json.loads((tmp_path / "bench" / "bench.json").read_text())
+    by = {r["variant"]: r for r in data["results"]}
+    for kind in ("c", "g", "h", "h-int8w"):
+        assert by[kind]["ok"], by[kind].get("error")
+    assert by["g"]["median"]["postgate"] == 0 and by["h"]["median"]["postgate"] > 0
+    assert by["h-int8w"]["median"]["postgate"] > 0 and by["h-int8w"]["precision"] == "int8w"
+    assert [s["vs"] for s in data["targets"]["speedups"]] == ["c"]  # only the rows that ran
+    assert data["targets"]["step_ratios"]["h"]["step_time_ratio"] > 0
+
+
+def test_variant_names_parse_in_both_forms() -> None:
+    assert parse_variants("cdeq") == ["c", "d", "e", "q"]  # the older letters-only form
+    assert parse_variants("a,b16, f,h-int8w") == ["a", "b16", "f", "h-int8w"]
+    assert parse_variants("b16") == ["b16"] and parse_variants("h") == ["h"]
+    for bad in ("b16f", "c,x", "", "h-int8"):
+        with pytest.raises(ValueError):
+            parse_variants(bad)
+
+
+def test_default_set_leaves_out_openvino_rows_without_a_build(
+    tiny_export: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    ns = argparse.Namespace(
+        variants=None, export=tiny_export, ov_precision="f32", ov_build="openvino", ov_int8w_build="x", int8_export=None
+    )
+    assert choose_variants(ns) == ["a", "b", "b16", "c", "d", "e"]
+    assert "leaving out f,g,h" in capsys.readouterr().err
+
+
+def test_targets_set_h_against_its_peers() -> None:
+    """The Targets section's arithmetic, on rows shaped as the workers report them."""
+
+    def row(kind: str, total: float, pre: float = 0.0, post: float = 0.0) -> dict:
+        median = {"text_encoder": 0.0, "pregate": pre, "postgate": post, "vae_decoder": 0.0, "total": total}
+        return {"variant": kind, "ok": True, "median": median, "peak_rss_gib": 1.0}
+
+    results = [row("b16", 3.0), row("c", 8.0), row("f", 2.0), row("h", 2.0, pre=1.0, post=0.75)]
+    ns = argparse.Namespace(steps=25, gate=10, mac_ratio=0.5)
+    goals = targets(results, ns)
+    assert [(s["vs"], round(s["speedup"], 2), s["met"]) for s in goals["speedups"]] == [
+        ("f", 1.0, False),
+        ("b16", 1.5, True),
+        ("c", 4.0, True),
+    ]
+    step = goals["step_ratios"]["h"]  # (0.75 / 15) / (1.0 / 10) = 0.5 = r
+    assert step["step_time_ratio"] == pytest.approx(0.5) and step["within_5pct"]
+    table = markdown(results, goals)
+    assert "| (h) vs (f) | 1.00x | >= 1.35x | missed |" in table and "| (h) | 0.5000 | 0.5000 | yes |" in table
+
+
+def test_bench_refuses_bad_input(tiny_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     base = ["--export", str(tiny_export), "--out", str(tmp_path)]
     assert main([*base, "--gate", "0"]) == 2
     assert main([*base, "--height", "70"]) == 2
     assert main([*base, "--variants", "xyz"]) == 2
+    assert main([*base, "--variants", "c,nope"]) == 2
+    capsys.readouterr()
+    for kind in ("g", "h", "h-int8w"):  # no OpenVINO build in this export: say how to make one
+        assert main([*base, "--variants", f"c,{kind}", "--ov-precision", "f32"]) == 2
+        err = capsys.readouterr().err
+        assert "tgate-build" in err and "--target openvino" in err and len(err.strip().splitlines()) == 1
+    assert "--precision int8w" in (main([*base, "--variants", "h-int8w"]), capsys.readouterr().err)[1]
     assert main([*base, "--variants", "q"]) == 2  # (q) without --int8-export
     assert main([*base, "--variants", "q", "--int8-export", str(tiny_export)]) == 2  # not an int8 copy
     assert main(["--export", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2

@@ -2,12 +2,15 @@
 
 Each variant runs in its own process (so peak RSS is its own), does one warm-up run and then
 ``--runs`` timed runs; the table reports medians and ratios against diffusers (a) and against our own
-no-gate baseline (c), because on a shared, noisy machine only ratios from one sitting compare.
+no-gate baseline (c), because on a shared, noisy machine only ratios from one sitting compare. A
+"Targets" section then sets T-GATE on OpenVINO (h) against the deployments a CPU user would otherwise
+pick, and checks inside (d) and (h) whether a post-gate step costs what its MACs say it should.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import multiprocessing as mp
 import platform
@@ -21,116 +24,100 @@ from pathlib import Path
 from typing import Any
 
 from .. import manifest as mf
+from .bench_torch import TORCH_VARIANTS, torch_variant
 
 VARIANTS = {
     "a": "diffusers PyTorch (no gate)",
     "b": "authors' tgate PyTorch",
+    "b16": "authors' tgate PyTorch, bf16 autocast",
     "c": "ours ORT, gate >= steps",
     "d": "ours ORT, T-GATE",
     "e": "optimum ORTStableDiffusionPipeline",
+    "f": "optimum-intel OVStableDiffusionPipeline",
+    "g": "ours OpenVINO, gate >= steps",
+    "h": "ours OpenVINO, T-GATE",
+    "h-int8w": "ours OpenVINO int8 weights, T-GATE",
     "q": "ours ORT int8 MatMuls, T-GATE",
     "t": "ours TensorRT, T-GATE",
 }
 STAGES = ("text_encoder", "pregate", "postgate", "vae_decoder", "total")
+OV_BUILDS = {"g": "ov_build", "h": "ov_build", "h-int8w": "ov_int8w_build"}  # variant -> its build's argument
+OPENVINO_VARIANTS = ("f", *OV_BUILDS)
+TARGETS = (("f", 1.35), ("b16", 1.5), ("c", 4.0))  # (h) must be this many times faster than each
+SD15_MAC_RATIO = 0.4716  # r of SD-1.5 at 256x256, when the graphs can't be counted
+STEP_RATIO_TOLERANCE = 0.05
+BENCH_TOOLS = ("torch", "onnxruntime", "openvino", "optimum-intel", "tgate")  # versions in bench.json
 
 
-class StageTimer:
-    """Forward hooks that add up wall time per PyTorch module, for per-stage times of torch pipelines."""
-
-    def __init__(self, pipe: Any, gate: int) -> None:
-        self.gate, self.unet_calls = gate, 0
-        self.times: dict[str, float] = {}
-        self._start: dict[str, float] = {}
-        for name in ("text_encoder", "unet", "vae"):
-            module = getattr(pipe, name)
-            module.register_forward_pre_hook(self._pre(name))
-            module.register_forward_hook(self._post(name))
-        # the VAE decode path is not a forward call: time it through decode
-        vae, decode = pipe.vae, pipe.vae.decode
-
-        def timed_decode(*a: Any, **k: Any) -> Any:
-            t = time.perf_counter()
-            out = decode(*a, **k)
-            self.times["vae_decoder"] = self.times.get("vae_decoder", 0.0) + time.perf_counter() - t
-            return out
-
-        vae.decode = timed_decode
-
-    def _pre(self, name: str) -> Callable[..., None]:
-        def hook(*_: Any) -> None:
-            self._start[name] = time.perf_counter()
-
-        return hook
-
-    def _post(self, name: str) -> Callable[..., None]:
-        def hook(*_: Any) -> None:
-            key = name
-            if name == "unet":  # UNet calls from the gate on are the post-gate steps
-                key = "pregate" if self.unet_calls < self.gate else "postgate"
-                self.unet_calls += 1
-            self.times[key] = self.times.get(key, 0.0) + time.perf_counter() - self._start[name]
-
-        return hook
+def parse_variants(text: str) -> list[str]:
+    """``a,b16,h-int8w`` (names), or the older letters-only form ``cdeq`` when there is no comma."""
+    names = [n.strip() for n in text.split(",")] if "," in text or text in VARIANTS else list(text)
+    unknown = [n for n in names if n not in VARIANTS]
+    if not text.strip():
+        raise ValueError(f"--variants is empty: name some of {','.join(VARIANTS)}")
+    if unknown:
+        raise ValueError(f"unknown variant {', '.join(map(repr, unknown))}: --variants takes {','.join(VARIANTS)}")
+    return names
 
 
-def _torch_variant(kind: str, args: argparse.Namespace) -> Callable[[], dict[str, float]]:
-    import torch
+def ov_build_problem(args: argparse.Namespace, kind: str) -> str | None:
+    """Why variant ``kind`` can't use its OpenVINO build (None if it can), read off the manifest only."""
+    name = getattr(args, OV_BUILDS[kind])
+    precision = "int8w" if kind == "h-int8w" else args.ov_precision
+    make = f"tgate-build {args.export} --target openvino --precision {precision} --out {args.export / name}"
+    builds = mf.Manifest.load(args.export, verify=False).extra.get("engines")
+    section = builds.get(name) if isinstance(builds, dict) else None
+    if not (args.export / name).is_dir() or not isinstance(section, dict) or section.get("target") != "openvino":
+        return f"variant ({kind}) needs the OpenVINO build {args.export / name}: make it with {make}"
+    if section.get("precision", precision) != precision:
+        return f"variant ({kind}) needs a {precision} build, {name} is {section['precision']}: make one with {make}"
+    return None
 
-    from ..export.models import resolve_model
 
-    torch.set_num_threads(args.threads or torch.get_num_threads())
-    pipe = resolve_model(args.model, args.random_weights).pipe
-    timer = StageTimer(pipe, args.gate if kind == "b" else args.steps)
-    kw = {"num_inference_steps": args.steps, "height": args.height, "width": args.width, "output_type": "pil"}
-    if kind == "b":
-        from tgate import TgateSDLoader
-
-        pipe = TgateSDLoader(pipe)
-
-    def once() -> dict[str, float]:
-        timer.times.clear()
-        timer.unet_calls = 0
-        gen = torch.Generator().manual_seed(args.seed)
-        start = time.perf_counter()
-        if kind == "a":
-            pipe(args.prompt, generator=gen, **kw)
-        else:
-            pipe.tgate(args.prompt, gate_step=args.gate, sp_interval=1, fi_interval=1, warm_up=0, generator=gen, **kw)
-        times = dict(timer.times)
-        times["total"] = time.perf_counter() - start
-        return times
-
-    return once
+def openvino_problem(kind: str) -> str | None:
+    """Why variant ``kind`` can't import what it needs (None if it can)."""
+    needs = ("openvino", "optimum.intel") if kind == "f" else ("openvino",)
+    for module in needs:
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except ModuleNotFoundError:
+            found = False
+        if not found:
+            return f"variant ({kind}) needs {module}: pip install -e '.[openvino]'"
+    return None
 
 
 def _ours(kind: str, args: argparse.Namespace) -> Callable[[], dict[str, float]]:
     from .pipeline import TGatePipeline
 
-    backend = "trt" if kind == "t" else "ort"
-    export = args.int8_export if kind == "q" else args.export
-    pipe = TGatePipeline.from_export(export, backend=backend, threads=args.threads)
-    gate = args.steps if kind == "c" else args.gate
+    if kind in OV_BUILDS:
+        build = getattr(args, OV_BUILDS[kind])
+        pipe = TGatePipeline.from_export(args.export, backend="openvino", threads=args.threads, engines=build)
+    else:
+        backend = "trt" if kind == "t" else "ort"
+        export = args.int8_export if kind == "q" else args.export
+        pipe = TGatePipeline.from_export(export, backend=backend, threads=args.threads)
+    gate = args.steps if kind in ("c", "g") else args.gate
 
     def once() -> dict[str, float]:
-        r = pipe(
-            args.prompt,
-            num_inference_steps=args.steps,
-            gate_step=gate,
-            seed=args.seed,
-            height=args.height,
-            width=args.width,
-        )
-        return r.timings
+        kw = {"seed": args.seed, "height": args.height, "width": args.width}
+        return pipe(args.prompt, num_inference_steps=args.steps, gate_step=gate, **kw).timings
 
     return once
 
 
-def _optimum(args: argparse.Namespace) -> Callable[[], dict[str, float]]:
+def _peer(kind: str, args: argparse.Namespace) -> Callable[[], dict[str, float]]:
+    """optimum's standard pipelines: (e) on ORT, (f) on OpenVINO; ``args.peer`` is what _prepare made."""
     from . import optimum_baseline as ob
 
-    manifest = mf.Manifest.load(args.export, verify=False)  # load_pipeline verifies the files
-    pipe = ob.load_pipeline(args.export, args.plain_unet, args.threads)
-    pipe.set_progress_bar_config(disable=True)  # ours shows none either; keeps the log readable
+    manifest = mf.Manifest.load(args.export, verify=False)  # the loaders check what they read
+    if kind == "e":
+        pipe = ob.load_pipeline(args.export, args.peer, args.threads)
+        pipe.set_progress_bar_config(disable=True)  # ours shows none either; keeps the log readable
+    else:
+        from . import openvino_baseline as ovb
+
+        pipe = ovb.load_pipeline(args.peer, args.export, args.ov_precision, args.threads, args.height, args.width)
     read = ob.stage_timer(pipe)
 
     def once() -> dict[str, float]:
@@ -144,13 +131,21 @@ def _optimum(args: argparse.Namespace) -> Callable[[], dict[str, float]]:
     return once
 
 
-def _prepare_optimum(args: argparse.Namespace, folder: Path, queue: Any) -> None:
-    """Export optimum's plain UNet in its own process, so (e)'s peak RSS is the pipeline's, not the export's."""
+def _prepare(kind: str, args: argparse.Namespace, folder: Path, queue: Any) -> None:
+    """Export (e)'s plain UNet or (f)'s OpenVINO pipeline in its own process, so the row's peak RSS
+    is the pipeline's, not the export's."""
     from . import optimum_baseline as ob
 
     try:
-        ob.check_export(mf.Manifest.load(args.export, verify=False))  # (e)'s worker verifies the files
-        path = ob.plain_unet(args.model, args.random_weights, folder)
+        manifest = mf.Manifest.load(args.export, verify=False)  # the row's worker checks the files
+        if kind == "e":
+            ob.check_export(manifest)
+            path = ob.plain_unet(args.model, args.random_weights, folder)
+        else:
+            from . import openvino_baseline as ovb
+
+            ob.check_export(manifest, ovb.PIPELINE)
+            path = ovb.export_pipeline(args.model, args.random_weights, folder)
         queue.put({"ok": True, "path": str(path)})
     except Exception as exc:
         queue.put({"ok": False, "error": f"{type(exc).__name__}: {exc}"[:400]})
@@ -158,10 +153,10 @@ def _prepare_optimum(args: argparse.Namespace, folder: Path, queue: Any) -> None
 
 def _worker(kind: str, args: argparse.Namespace, queue: Any) -> None:
     try:
-        if kind in ("a", "b"):
-            once = _torch_variant(kind, args)
-        elif kind == "e":
-            once = _optimum(args)
+        if kind in TORCH_VARIANTS:
+            once = torch_variant(kind, args)
+        elif kind in ("e", "f"):
+            once = _peer(kind, args)
         else:
             once = _ours(kind, args)
         once()  # warm-up
@@ -184,28 +179,90 @@ def _spawn(target: Callable[..., None], *args: Any) -> dict[str, Any]:
 
 
 def run_variant(kind: str, args: argparse.Namespace) -> dict[str, Any]:
-    if kind != "e":
-        return _spawn(_worker, kind, args)
-    with tempfile.TemporaryDirectory(prefix="tgate-bench-unet-") as tmp:
-        prepared = _spawn(_prepare_optimum, args, args.optimum_unet or Path(tmp))
-        if not prepared["ok"]:
-            return {"variant": kind, **prepared}
-        return _spawn(_worker, kind, argparse.Namespace(**vars(args), plain_unet=Path(prepared["path"])))
+    if kind not in ("e", "f"):
+        result = _spawn(_worker, kind, args)
+    else:
+        keep = args.optimum_unet if kind == "e" else args.optimum_intel_dir
+        with tempfile.TemporaryDirectory(prefix=f"tgate-bench-{kind}-") as tmp:
+            prepared = _spawn(_prepare, kind, args, keep or Path(tmp) / "pipeline")
+            if not prepared["ok"]:
+                return {"variant": kind, **prepared}
+            result = _spawn(_worker, kind, argparse.Namespace(**vars(args), peer=Path(prepared["path"])))
+    if kind in OPENVINO_VARIANTS:
+        result["precision"] = "int8w" if kind == "h-int8w" else args.ov_precision
+    return result
 
 
-def markdown(results: list[dict[str, Any]]) -> str:
+def _label(r: dict[str, Any]) -> str:
+    extra = f", {r['precision']}" if "precision" in r else ""
+    return f"({r['variant']}) {VARIANTS[r['variant']]}{extra}"
+
+
+def mac_ratio(args: argparse.Namespace) -> tuple[float, str]:
+    """r = post-gate / pre-gate MACs per UNet call, counted off the graphs as ``tgate-macs`` does."""
+    if args.mac_ratio is not None:
+        return args.mac_ratio, "--mac-ratio"
+    from ..export import macs
+
+    try:
+        manifest = mf.Manifest.load(args.export, verify=False)
+        lat = manifest.latent_size(args.height, args.width)
+        pre, post = (
+            macs.count_graph(args.export / manifest.graphs[k].file, macs._dims(manifest, k, 1, *lat)).total
+            for k in (mf.PREGATE, mf.POSTGATE)
+        )
+        return post / pre, f"counted off the export's graphs at {args.width}x{args.height}"
+    except Exception as exc:  # the table still reports, against SD-1.5's r
+        return SD15_MAC_RATIO, f"SD-1.5's r at 256x256 (counting failed: {type(exc).__name__}: {exc})"[:300]
+
+
+def targets(results: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
+    """(h)'s speed-ups against its targets, and each T-GATE row's post-/pre-gate step time ratio beside r."""
+    ok = {r["variant"]: r for r in results if r["ok"]}
+    speed = []
+    if "h" in ok:
+        for ref, target in TARGETS:
+            if ref in ok:
+                ratio = ok[ref]["median"]["total"] / ok["h"]["median"]["total"]
+                speed.append({"vs": ref, "speedup": ratio, "target": target, "met": ratio >= target})
+    rows = [k for k in ("h", "d") if k in ok and 0 < args.gate < args.steps and ok[k]["median"]["pregate"] > 0]
+    steps: dict[str, Any] = {}
+    if rows:
+        r, source = mac_ratio(args)
+        for kind in rows:
+            m = ok[kind]["median"]
+            step = (m["postgate"] / (args.steps - args.gate)) / (m["pregate"] / args.gate)
+            within = abs(step / r - 1) <= STEP_RATIO_TOLERANCE
+            steps[kind] = {"step_time_ratio": step, "mac_ratio": r, "mac_ratio_source": source, "within_5pct": within}
+    return {"speedups": speed, "step_ratios": steps} if speed or steps else {}
+
+
+def markdown(results: list[dict[str, Any]], goals: dict[str, Any] | None = None) -> str:
+    goals = goals or {}
     ok = {r["variant"]: r for r in results if r["ok"]}
     head = "| variant | text enc s | pre-gate s | post-gate s | VAE s | total s | vs (a) | vs (c) | peak RSS GiB |"
     lines = [head, "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results:
-        name = f"({r['variant']}) {VARIANTS[r['variant']]}"
         if not r["ok"]:
-            lines.append(f"| {name} | not run: {r['error']} |||||||| ")
+            lines.append(f"| {_label(r)} | not run: {r['error']} |||||||| ")
             continue
         m = r["median"]
         speed = [f"{ok[ref]['median']['total'] / m['total']:.2f}x" if ref in ok else "-" for ref in ("a", "c")]
         cells = " | ".join(f"{m[s]:.2f}" for s in STAGES)
-        lines.append(f"| {name} | {cells} | {speed[0]} | {speed[1]} | {r['peak_rss_gib']:.2f} |")
+        lines.append(f"| {_label(r)} | {cells} | {speed[0]} | {speed[1]} | {r['peak_rss_gib']:.2f} |")
+    if goals:
+        lines += ["", "## Targets"]
+    if goals.get("speedups"):
+        lines += ["", "| comparison | speed-up | target | |", "|---|---:|---:|---|"]
+        for s in goals["speedups"]:
+            met = "met" if s["met"] else "missed"
+            lines.append(f"| (h) vs ({s['vs']}) | {s['speedup']:.2f}x | >= {s['target']:g}x | {met} |")
+    if goals.get("step_ratios"):
+        lines += ["", "| inside | post/pre-gate time per step | MAC ratio r | within 5% of r |", "|---|---:|---:|---|"]
+        for kind, s in goals["step_ratios"].items():
+            yes = "yes" if s["within_5pct"] else "no"
+            lines.append(f"| ({kind}) | {s['step_time_ratio']:.4f} | {s['mac_ratio']:.4f} | {yes} |")
+        lines += ["", f"r: {next(iter(goals['step_ratios'].values()))['mac_ratio_source']}"]
     return "\n".join(lines)
 
 
@@ -216,8 +273,8 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     ok = [r for r in results if r["ok"]]
-    fig, ax = plt.subplots(figsize=(8, 0.6 * len(ok) + 1.5))
-    labels = [f"({r['variant']}) {VARIANTS[r['variant']]}" for r in ok]
+    fig, ax = plt.subplots(figsize=(9, 0.6 * len(ok) + 1.5))
+    labels = [_label(r) for r in ok]
     left = [0.0] * len(ok)
     for stage in STAGES[:-1]:
         vals = [r["median"][stage] for r in ok]
@@ -234,6 +291,44 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
     tmp = path.with_name(f".{path.name}.tmp.png")
     fig.savefig(tmp, dpi=120)
     tmp.replace(path)
+
+
+def _version(dist: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(dist)
+    except PackageNotFoundError:
+        return None
+
+
+def choose_variants(args: argparse.Namespace) -> list[str]:
+    """The asked-for variants after every cheap check, or the default set (saying what it leaves out)."""
+    if args.variants is not None:
+        names = parse_variants(args.variants)
+        for kind in names:
+            problem = (openvino_problem(kind) if kind in OPENVINO_VARIANTS else None) or (
+                ov_build_problem(args, kind) if kind in OV_BUILDS else None
+            )
+            if problem:
+                raise ValueError(problem)
+    else:
+        names = ["a", "b", "b16", "c", "d", "e"]
+        group = [openvino_problem("f"), ov_build_problem(args, "h")]  # (f) goes with (g) and (h)
+        extra = {"f,g,h": next((p for p in group if p), None)}
+        extra["h-int8w"] = openvino_problem("h-int8w") or ov_build_problem(args, "h-int8w")
+        for kinds, problem in extra.items():
+            if problem:
+                print(f"[bench] leaving out {kinds}: {problem}", file=sys.stderr)
+            else:
+                names += kinds.split(",")
+        names += ["q"] if args.int8_export else []
+    if "q" in names:
+        if args.int8_export is None:
+            raise ValueError("variant (q) needs --int8-export DIR (made by: tgate-quantize EXPORT --out DIR)")
+        if mf.QUANTIZATION not in mf.Manifest.load(args.int8_export, verify=False).extra:  # (q) verifies
+            raise ValueError(f"{args.int8_export} is not a tgate-quantize copy: make one with tgate-quantize")
+    return names
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -253,46 +348,64 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--width", type=int, default=256)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: library default)")
-    ap.add_argument("--variants", help="letters of the variants to run (default: abcde, and q with --int8-export)")
+    ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: library default; OpenVINO: cores)")
+    ap.add_argument(
+        "--variants",
+        help=f"comma-separated, from {','.join(VARIANTS)} (or letters only, e.g. cdeq); default: a,b,b16,c,d,e, "
+        "f,g,h with openvino and an OpenVINO build, h-int8w with its build, q with --int8-export",
+    )
     ap.add_argument(
         "--optimum-unet",
         type=Path,
         help="folder to keep (and reuse) the plain UNet graph (e) needs (default: a temp folder, removed after)",
     )
+    ap.add_argument(
+        "--optimum-intel-dir",
+        type=Path,
+        help="folder to keep (and reuse) the OpenVINO pipeline (f) exports (default: a temp folder, removed after)",
+    )
+    ap.add_argument(
+        "--ov-precision",
+        choices=("bf16", "f32"),
+        help="OpenVINO inference precision of (f), (g), (h) (default: bf16 where the CPU has it, else f32)",
+    )
+    ap.add_argument("--ov-build", default="openvino", help="OpenVINO build folder inside --export for (g), (h)")
+    ap.add_argument("--ov-int8w-build", default="openvino-int8w", help="int8w OpenVINO build for (h-int8w)")
+    ap.add_argument("--mac-ratio", type=float, help="r = post/pre-gate MACs per step (default: counted)")
     ap.add_argument("--int8-export", type=Path, help="tgate-quantize copy of --export, for variant (q)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/cpu"))
     args = ap.parse_args(argv)
     try:
+        if args.runs < 1:
+            raise ValueError("--runs must be >= 1")
         mf.check_gate(args.steps, args.gate)
         manifest = mf.Manifest.load(args.export)
         manifest.latent_size(args.height, args.width)
-        args.variants = args.variants or ("abcdeq" if args.int8_export else "abcde")
-        if "q" in args.variants:
-            if args.int8_export is None:
-                raise ValueError("variant (q) needs --int8-export DIR (made by: tgate-quantize EXPORT --out DIR)")
-            if mf.QUANTIZATION not in mf.Manifest.load(args.int8_export, verify=False).extra:  # (q) verifies
-                raise ValueError(f"{args.int8_export} is not a tgate-quantize copy: make one with tgate-quantize")
+        if args.ov_precision is None:
+            from .openvino_baseline import default_precision
+
+            args.ov_precision = default_precision()
+        args.variants = choose_variants(args)
     except (mf.ManifestError, ValueError) as exc:
         print(f"tgate-bench: error: {exc}", file=sys.stderr)
-        return 2
-    if args.runs < 1 or set(args.variants) - set(VARIANTS):
-        print(f"tgate-bench: error: --runs >= 1 and --variants from {''.join(VARIANTS)}", file=sys.stderr)
         return 2
     results = []
     for kind in args.variants:
         print(f"[bench] ({kind}) {VARIANTS[kind]} ...", file=sys.stderr, flush=True)
         results.append(run_variant(kind, args))
-    table = markdown(results)
+    goals = targets(results, args)
+    table = markdown(results, goals)
     meta = {
         "date": time.strftime("%Y-%m-%d"),
         "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {mp.cpu_count()} cores",
         "command": "tgate-bench " + " ".join(argv if argv is not None else sys.argv[1:]),
         "settings": {k: str(v) for k, v in vars(args).items()},
-        "tools": manifest.tools,
+        "tools": manifest.tools,  # the export's; then what the rows ran on
+        "bench_tools": {name: _version(name) for name in BENCH_TOOLS},
     }
     args.out.mkdir(parents=True, exist_ok=True)
-    mf.atomic_write_text(args.out / "bench.json", json.dumps({"meta": meta, "results": results}, indent=2) + "\n")
+    report = {"meta": meta, "results": results, **({"targets": goals} if goals else {})}
+    mf.atomic_write_text(args.out / "bench.json", json.dumps(report, indent=2) + "\n")
     mf.atomic_write_text(args.out / "bench.md", f"{table}\n")
     title = f"{args.model} {args.width}x{args.height}, {args.steps} steps, gate {args.gate}"
     plot(results, args.out / "bench.png", title)

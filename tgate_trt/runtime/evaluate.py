@@ -138,6 +138,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seeds-per-prompt", type=int, default=2, help="75 prompts x this many seeds")
     ap.add_argument("--batch", type=int, default=25)
     ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument("--backend", default="ort", choices=("ort", "openvino"), help="runtime backend (default: ort)")
+    ap.add_argument("--engines", default=None, help="with --backend openvino: build folder (default: openvino)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/quality"))
     args = ap.parse_args(argv)
     try:
@@ -156,13 +158,18 @@ def main(argv: list[str] | None = None) -> int:
         export = args.out / "export"
         if not (export / mf.MANIFEST_NAME).is_file():
             run_export(ExportRequest("shapes", export))
-    pipe = TGatePipeline.from_export(export, threads=args.threads)
+    try:
+        pipe = TGatePipeline.from_export(export, backend=args.backend, threads=args.threads, engines=args.engines)
+    except (mf.ManifestError, RuntimeError) as exc:
+        ap.error(str(exc))
     words = data.vocabulary()
     if any(len(pipe.tokenizer(w).input_ids) != 3 for w in words):  # start, word, end
         ap.error(
             f"{export} is not a shapes model (its tokenizer lacks the caption words); the judge only knows "
             "shapes images: export with tgate-export --model shapes"
         )
+    builds = pipe.manifest.extra.get("engines", {})
+    build = builds.get(args.engines or "openvino") if args.backend == "openvino" else None
     rows, images, items = evaluate(pipe, gates, args.steps, args.guidance, args.seeds_per_prompt, args.batch)
     guidance = args.guidance if args.guidance is not None else pipe.manifest.defaults["guidance_scale"]
     table = markdown(rows, len(items), args.steps, guidance)
@@ -172,6 +179,8 @@ def main(argv: list[str] | None = None) -> int:
         "command": " ".join(["tgate-eval", *(sys.argv[1:] if argv is None else argv)]),
         "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
         "export": str(export),
+        "backend": args.backend,
+        **({k: build.get(k) for k in ("precision", "openvino", "device")} if build else {}),
         "steps": args.steps,
         "guidance": guidance,
         "prompts": len(items),

@@ -26,12 +26,12 @@ class OptimumBaselineError(RuntimeError):
     """The baseline can't run on this export; the message says why and what would make it run."""
 
 
-def check_export(manifest: mf.Manifest) -> None:
-    """optimum's pipeline is SD-1.x/2.x with CFG: refuse anything else before exporting a UNet."""
+def check_export(manifest: mf.Manifest, pipeline: str = "optimum's ORTStableDiffusionPipeline") -> None:
+    """optimum's pipelines (ORT and OpenVINO) are SD-1.x/2.x with CFG: refuse anything else before exporting."""
     family = manifest.model
     if family.family != "sd" or not family.cfg or manifest.dtype != "fp32":
         raise OptimumBaselineError(
-            "optimum's ORTStableDiffusionPipeline baseline covers fp32 SD-1.x/2.x exports with CFG; this export "
+            f"the {pipeline} baseline covers fp32 SD-1.x/2.x exports with CFG; this export "
             f"is {family.family} (cfg={family.cfg}) in {manifest.dtype}: re-export an SD model with --dtype fp32"
         )
 
@@ -97,7 +97,8 @@ def load_pipeline(export: Path, unet: Path, threads: int = 0) -> Any:
 
 
 def stage_timer(pipe: Any) -> Callable[[], dict[str, float]]:
-    """Wrap each ORT part's ``forward`` to add up its wall time; returns a function that reads and resets.
+    """Wrap each part's ``forward`` (ORT or OpenVINO: both call it from ``__call__``) to add up its wall time;
+    returns a function that reads and resets.
 
     The UNet runs every step with CFG (no gate), so all of its time counts as pre-gate, as in (a) and (c).
     """
