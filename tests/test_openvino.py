@@ -112,14 +112,35 @@ def test_cache_handoff_shares_memory(tiny_ov: Path, cache_dir: Path) -> None:
     assert not np.shares_memory(pre.request.get_tensor(mf.SAMPLE).data, post.request.get_tensor(mf.SAMPLE).data)
 
 
-def test_second_start_loads_compiled_models_from_cache(tiny_ov: Path, tmp_path: Path) -> None:
-    first = TGatePipeline.from_export(tiny_ov, backend="openvino", engines="openvino-f32", cache_dir=tmp_path)
+@pytest.mark.parametrize("static", [True, False])
+def test_second_start_loads_compiled_models_from_cache(tiny_ov: Path, tmp_path: Path, static: bool) -> None:
+    def start() -> TGatePipeline:
+        pipe = TGatePipeline.from_export(
+            tiny_ov, backend="openvino", engines="openvino-f32", cache_dir=tmp_path, static_shapes=static
+        )
+        pipe(PROMPTS[0], num_inference_steps=3, gate_step=2, seed=0)  # static graphs compile on first use
+        return pipe
+
+    first = start()
     blobs = sorted(p.name for p in tmp_path.iterdir())
     assert len(blobs) >= len(first.engines)
     assert not any(e.loaded_from_cache for e in first.engines.values())  # type: ignore[attr-defined]
-    second = TGatePipeline.from_export(tiny_ov, backend="openvino", engines="openvino-f32", cache_dir=tmp_path)
+    second = start()
     assert all(e.loaded_from_cache for e in second.engines.values())  # type: ignore[attr-defined]
     assert sorted(p.name for p in tmp_path.iterdir()) == blobs
+
+
+def test_static_graphs_follow_the_size_and_equal_dynamic(tiny_ov: Path, cache_dir: Path) -> None:
+    """Static compilation is per shape: a new size recompiles, and the numbers equal the dynamic graphs'."""
+    kw = {"backend": "openvino", "engines": "openvino-f32", "cache_dir": cache_dir}
+    static = TGatePipeline.from_export(tiny_ov, **kw)  # type: ignore[arg-type]
+    dynamic = TGatePipeline.from_export(tiny_ov, static_shapes=False, **kw)  # type: ignore[arg-type]
+    for size in (64, 32):
+        a = static(PROMPTS[0], num_inference_steps=4, gate_step=2, seed=2, height=size, width=size)
+        b = dynamic(PROMPTS[0], num_inference_steps=4, gate_step=2, seed=2, height=size, width=size)
+        assert a.latents.shape == (1, 4, size // 8, size // 8)
+        np.testing.assert_allclose(a.latents, b.latents, atol=1e-4)  # kernels differ by shape: ~2e-5 seen
+        assert static.engines[mf.POSTGATE].shapes[mf.SAMPLE] == (1, 4, size // 8, size // 8)  # type: ignore[attr-defined]
 
 
 def _edit_section(export: Path, name: str, **changes: str) -> None:

@@ -78,20 +78,49 @@ def verify_files(root: Path, section: Mapping[str, Any]) -> None:
 
 
 class OvEngine:
-    """A compiled OpenVINO model behind the :class:`Engine` protocol (inputs and outputs: ``ov.Tensor``)."""
+    """A compiled OpenVINO model behind the :class:`Engine` protocol (inputs and outputs: ``ov.Tensor``).
 
-    def __init__(self, name: str, spec: mf.GraphSpec, compiled: Any) -> None:
+    ``static``: the graph is compiled for the exact input shapes of the first call (and again when they
+    change), as optimum-intel's ``reshape`` does; OpenVINO's CPU plugin then plans memory and picks
+    kernels once, measured ~6% faster per SD-1.5 UNet call than the dynamic graph. With a compile cache a
+    shape seen before loads in about a second.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        spec: mf.GraphSpec,
+        core: Any,
+        xml: Path,
+        device: str,
+        config: dict[str, str],
+        static: bool = True,
+    ) -> None:
         import openvino as ov
 
-        self._ov, self.name, self.spec, self.compiled = ov, name, spec, compiled
-        self.request = compiled.create_infer_request()
+        self._ov, self.name, self.spec = ov, name, spec
+        self._core, self._device, self._config = core, device, config
         self.dtypes = {t.name: np.dtype(t.dtype) for t in [*spec.inputs, *spec.outputs]}
         self.output_names = [o.name for o in spec.outputs]
         self.calls, self.seconds = 0, 0.0
+        self.shapes: dict[str, tuple[int, ...]] | None = None  # what the compiled model was compiled for
+        self.model = core.read_model(str(xml)) if static else None
+        self.compiled = None if static else core.compile_model(str(xml), device, config)
+        self.request = None if self.compiled is None else self.compiled.create_infer_request()
 
     @property
     def loaded_from_cache(self) -> bool:
-        return bool(self.compiled.get_property("LOADED_FROM_CACHE"))
+        return self.compiled is not None and bool(self.compiled.get_property("LOADED_FROM_CACHE"))
+
+    def _compile_for(self, feeds: Mapping[str, Any]) -> None:
+        shapes = {name: tuple(int(d) for d in value.shape) for name, value in feeds.items()}
+        if self.model is None or shapes == self.shapes:
+            return
+        model = self.model.clone()
+        model.reshape({name: self._ov.PartialShape(list(shape)) for name, shape in shapes.items()})
+        self.compiled, self.request = None, None  # drop the old compiled weights before building the new
+        self.compiled = self._core.compile_model(model, self._device, self._config)
+        self.request, self.shapes = self.compiled.create_infer_request(), shapes
 
     def asarray(self, array: np.ndarray, name: str | None = None) -> Any:
         """A tensor that owns a copy of ``array`` (host inputs are small: latents, states, scalars)."""
@@ -105,10 +134,13 @@ class OvEngine:
 
     def __call__(self, feeds: Mapping[str, Any]) -> dict[str, Any]:
         start = time.perf_counter()
+        self._compile_for(feeds)
+        request = self.request
+        assert request is not None
         for name, value in feeds.items():
-            self.request.set_tensor(name, self.asarray(value, name) if isinstance(value, np.ndarray) else value)
-        self.request.infer()
-        outputs = {name: self.request.get_tensor(name) for name in self.output_names}
+            request.set_tensor(name, self.asarray(value, name) if isinstance(value, np.ndarray) else value)
+        request.infer()
+        outputs = {name: request.get_tensor(name) for name in self.output_names}
         self.calls += 1
         self.seconds += time.perf_counter() - start
         return outputs
@@ -121,10 +153,13 @@ def load_engines(
     device: str | None = None,
     threads: int = 0,
     cache_dir: str | os.PathLike[str] | None = None,
+    static: bool = True,
 ) -> dict[str, OvEngine]:
     """Every graph of the build ``root/<name>``, checked (version, device, sha256) before compiling.
 
     ``cache_dir``: where compiled blobs are kept (default :func:`default_cache_dir`; ``""`` disables).
+    ``static``: compile each graph for the shapes of its first call (see :class:`OvEngine`); False
+    compiles the dynamic graphs now, for callers that change sizes often.
     """
     section = find_section(root, manifest, name)
     ov = import_openvino()
@@ -148,5 +183,5 @@ def load_engines(
         if graph is None:
             raise OvMismatch(f"the OpenVINO build {name!r} has no {key}: rebuild with tgate-build --target openvino")
         config = compile_config(graph["inference"], device, threads or int(section["options"].get("threads", 0)))
-        engines[key] = OvEngine(key, spec, core.compile_model(str(root / graph["xml"]), device, config))
+        engines[key] = OvEngine(key, spec, core, root / graph["xml"], device, config, static)
     return engines

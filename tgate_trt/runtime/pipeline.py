@@ -92,12 +92,14 @@ class TGatePipeline:
         engines: str | None = None,
         device: str | None = None,
         cache_dir: str | Path | None = None,
+        static_shapes: bool = True,
     ) -> TGatePipeline:
         """Load an export folder; every file is checked against its sha256 first.
 
         OpenVINO: ``engines`` names the build folder inside the export (default ``openvino``), ``device``
         must be the one it was built for (default: that one), ``cache_dir`` keeps compiled models
-        (default ``~/.cache/tgate-trt/openvino``; ``""`` disables)."""
+        (default ``~/.cache/tgate-trt/openvino``; ``""`` disables), ``static_shapes`` compiles each graph for
+        the shapes it is called with (faster per call; False keeps the graphs dynamic)."""
         from transformers import CLIPTokenizer
 
         if backend not in BACKENDS:
@@ -114,7 +116,7 @@ class TGatePipeline:
             from .ov_engine import OV_DIR
             from .ov_engine import load_engines as load_ov
 
-            loaded = dict(load_ov(root, manifest, engines or OV_DIR, device, threads, cache_dir))
+            loaded = dict(load_ov(root, manifest, engines or OV_DIR, device, threads, cache_dir, static_shapes))
         else:
             loaded = {
                 key: OrtEngine(key, root / spec.file, spec, providers, threads)
