@@ -232,15 +232,24 @@ def test_cli_run_and_default_precision(tiny_export: Path, tmp_path: Path, capsys
     assert png.is_file()
 
 
-@needs_bf16
-def test_shapes_bf16_draws_what_it_is_asked(
-    shapes_export: Path, tmp_path_factory: pytest.TempPathFactory, check_prompts: Callable[[], list[data.Spec]]
-) -> None:
-    """The trained model under bf16 (gate 10 of 25): judged like the ORT pipeline in test_shapes.py."""
+@pytest.fixture(scope="module")
+def shapes_ov(shapes_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A copy of the shapes export with a build per precision (``openvino-<precision>``)."""
     export = _copy(shapes_export, tmp_path_factory.mktemp("ov-shapes") / "shapes")
-    assert _build(export, "bf16") == 0
+    for precision in ("f32", "bf16", "int8w") if HAS_BF16 else ("f32", "int8w"):
+        assert _build(export, precision, f"openvino-{precision}") == 0
+    return export
+
+
+@pytest.mark.parametrize("precision", PRECISIONS)
+def test_shapes_draws_what_it_is_asked(
+    shapes_ov: Path, check_prompts: Callable[[], list[data.Spec]], precision: str
+) -> None:
+    """The trained model on every build (gate 10 of 25), judged like the ORT pipeline in test_shapes.py."""
+    section = mf.Manifest.load(shapes_ov).extra["engines"][f"openvino-{precision}"]
+    assert all(r["passed"] for r in section["validation"]["rows"])
     specs = check_prompts()
-    pipe = TGatePipeline.from_export(export, backend="openvino")
+    pipe = TGatePipeline.from_export(shapes_ov, backend="openvino", engines=f"openvino-{precision}")
     result = pipe([s.caption for s in specs], num_inference_steps=25, gate_step=10, seed=0)
     acc = accuracy([np.asarray(im) for im in result.images], specs)
     assert acc["color"] == 1.0 and acc["position"] == 1.0 and acc["shape"] >= 5 / 6, acc

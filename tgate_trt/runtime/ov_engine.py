@@ -104,7 +104,7 @@ class OvEngine:
         self.output_names = [o.name for o in spec.outputs]
         self.calls, self.seconds = 0, 0.0
         self.shapes: dict[str, tuple[int, ...]] | None = None  # what the compiled model was compiled for
-        self.model = core.read_model(str(xml)) if static else None
+        self.xml, self.static = xml, static
         self.compiled = None if static else core.compile_model(str(xml), device, config)
         self.request = None if self.compiled is None else self.compiled.create_infer_request()
 
@@ -113,13 +113,16 @@ class OvEngine:
         return self.compiled is not None and bool(self.compiled.get_property("LOADED_FROM_CACHE"))
 
     def _compile_for(self, feeds: Mapping[str, Any]) -> None:
+        """Compile for these input shapes unless already; the IR is read anew (memory-mapped) and dropped
+        after compiling, so its fp32 weights are not held beside the compiled ones."""
         shapes = {name: tuple(int(d) for d in value.shape) for name, value in feeds.items()}
-        if self.model is None or shapes == self.shapes:
+        if not self.static or shapes == self.shapes:
             return
-        model = self.model.clone()
+        self.compiled, self.request = None, None  # free the old compiled weights before building the new
+        model = self._core.read_model(str(self.xml))
         model.reshape({name: self._ov.PartialShape(list(shape)) for name, shape in shapes.items()})
-        self.compiled, self.request = None, None  # drop the old compiled weights before building the new
         self.compiled = self._core.compile_model(model, self._device, self._config)
+        del model
         self.request, self.shapes = self.compiled.create_infer_request(), shapes
 
     def asarray(self, array: np.ndarray, name: str | None = None) -> Any:
