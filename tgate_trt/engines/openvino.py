@@ -33,7 +33,7 @@ VALIDATION_PROMPTS = ["a photograph of an astronaut riding a horse", "a red circ
 # (SD-1.5), 0.017 (shapes); int8 weights 0.118 (tiny), 0.091 (SD-1.5). The limits leave ~2x room for other
 # models; a broken conversion (wrong op, overflow) lands near 1. Image quality is judged on shapes instead.
 TOLERANCES = {"f32": 1e-3, "f16": 0.15, "bf16": 0.15, "int8w": 0.25}
-# Graphs kept in f32 whatever the precision, and why (measured; see benchmarks/openvino/README.md).
+# Graphs kept in f32 whatever the precision, and why (measured; benchmarks/README.md, "OpenVINO").
 _TEXT_F32 = (
     "runs once per image: bf16 saves ~50 ms of ~7 s on SD-1.5 at 256x256 (117 -> 67 ms a call) but moves the "
     "text states, which every denoising step reads, by 7e-3 (relative L2)"
