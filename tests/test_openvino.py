@@ -253,3 +253,17 @@ def test_shapes_draws_what_it_is_asked(
     result = pipe([s.caption for s in specs], num_inference_steps=25, gate_step=10, seed=0)
     acc = accuracy([np.asarray(im) for im in result.images], specs)
     assert acc["color"] == 1.0 and acc["position"] == 1.0 and acc["shape"] >= 5 / 6, acc
+
+
+@pytest.mark.parametrize("variant", ["tiny-sdxl", "tiny-lcm", "tiny-sd21"])
+def test_other_families_build_and_match_ort(
+    model_export: Callable[[str], Path], tmp_path: Path, cache_dir: Path, variant: str
+) -> None:
+    """SDXL (two text encoders, added conditioning), guidance-free LCM and v-prediction SD-2.1 through the
+    same build and backend: f32 latents equal ORT's, every graph runs as often as on ORT."""
+    export = _copy(model_export(variant), tmp_path / variant)
+    assert _build(export, "f32") == 0
+    want = TGatePipeline.from_export(export)("a red circle", seed=1)
+    got = TGatePipeline.from_export(export, backend="openvino", cache_dir=cache_dir)("a red circle", seed=1)
+    assert np.abs(got.latents - want.latents).max() <= 1e-4
+    assert got.calls == want.calls
