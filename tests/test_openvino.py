@@ -41,13 +41,17 @@ def _build(export: Path, precision: str, name: str | None = None) -> int:
     return build_cli.main(argv + (["--out", str(export / name)] if name else []))
 
 
-@pytest.fixture(scope="module")
-def tiny_ov(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the tiny export with one OpenVINO build per precision (``openvino-<precision>``)."""
-    export = _copy(tiny_export, tmp_path_factory.mktemp("ov") / "tiny")
+def _with_builds(src: Path, dst: Path) -> Path:
+    """A copy of an export with one OpenVINO build per precision this CPU has (``openvino-<precision>``)."""
+    export = _copy(src, dst)
     for precision in ("f32", "bf16", "int8w") if HAS_BF16 else ("f32", "int8w"):
         assert _build(export, precision, f"openvino-{precision}") == 0
     return export
+
+
+@pytest.fixture(scope="module")
+def tiny_ov(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return _with_builds(tiny_export, tmp_path_factory.mktemp("ov") / "tiny")
 
 
 @pytest.fixture(scope="module")
@@ -234,11 +238,7 @@ def test_cli_run_and_default_precision(tiny_export: Path, tmp_path: Path, capsys
 
 @pytest.fixture(scope="module")
 def shapes_ov(shapes_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A copy of the shapes export with a build per precision (``openvino-<precision>``)."""
-    export = _copy(shapes_export, tmp_path_factory.mktemp("ov-shapes") / "shapes")
-    for precision in ("f32", "bf16", "int8w") if HAS_BF16 else ("f32", "int8w"):
-        assert _build(export, precision, f"openvino-{precision}") == 0
-    return export
+    return _with_builds(shapes_export, tmp_path_factory.mktemp("ov-shapes") / "shapes")
 
 
 @pytest.mark.parametrize("precision", PRECISIONS)
