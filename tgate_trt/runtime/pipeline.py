@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from .. import manifest as mf
+from ..methods.plan import TGateParams, family_plan
 from .conditioning import TextConditioner
 from .engine import Engine, OrtEngine
 
@@ -221,13 +222,15 @@ class TGatePipeline:
         caches: dict[str, Any] = {}
         names = self.manifest.cache_names
         timings["pregate"] = timings["postgate"] = 0.0
-        for i, t in enumerate(sched.timesteps):
+        steps = family_plan(num_inference_steps, TGateParams.v1(gate_step), family, sched.order, len(sched.timesteps))
+        for i, (step, t) in enumerate(zip(steps, sched.timesteps, strict=True)):
             step_start = time.perf_counter()
             x = sched.scale_model_input(latents, t).numpy()
             timestep = np.array([float(t)], np.float32)
-            if i < gate_step:
+            if "attn2" not in step.replay:  # the pre-gate graph (CFG inside when the family has it)
                 out = pre({mf.SAMPLE: pre.asarray(x, mf.SAMPLE), mf.TIMESTEP: timestep, **pre_feeds})
-                caches = {n: out[n] for n in names}  # only the last CFG step's are replayed
+                if step.capture:  # the gate step: its caches are the ones replayed
+                    caches = {n: out[n] for n in names}
                 noise, engine, stage = out[mf.NOISE_PRED], pre, "pregate"
             else:
                 out = post({mf.SAMPLE: post.asarray(x, mf.SAMPLE), mf.TIMESTEP: timestep, **post_feeds, **caches})
