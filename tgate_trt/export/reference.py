@@ -13,6 +13,7 @@ import torch
 
 from .. import manifest as mf
 from ..manifest import check_gate
+from ..methods.plan import TGateParams, family_plan
 from .families import detect_family
 from .tgate import PostGateUNet, PreGateUNet
 
@@ -104,13 +105,15 @@ def tgate_reference(
     post_feeds = {n: feeds[n] for n in mf.conditioning_inputs(family, postgate=True)}
     caches: dict[str, torch.Tensor] = {}
     counts = [0, 0]
-    for i, t in enumerate(pipe.progress_bar(pipe.scheduler.timesteps)):
+    timesteps = pipe.scheduler.timesteps
+    steps = family_plan(num_inference_steps, TGateParams.v1(gate_step), family, pipe.scheduler.order, len(timesteps))
+    for step, t in zip(steps, pipe.progress_bar(timesteps), strict=True):
         x = pipe.scheduler.scale_model_input(latents, t)
         timestep = t.reshape(1).to(torch.float32)
-        if i < gate_step:
+        if "attn2" not in step.replay:
             noise, *cache_list = pre(x, timestep, **pre_feeds)
-            # only the last step's caches before the gate are ever replayed
-            caches = {mf.cache_name(j): c for j, c in enumerate(cache_list)}
+            if step.capture:  # the gate step: its caches are the ones replayed
+                caches = {mf.cache_name(j): c for j, c in enumerate(cache_list)}
             counts[0] += 1
         else:
             noise = post(x, timestep, **post_feeds, **caches)
