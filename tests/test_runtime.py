@@ -144,6 +144,19 @@ def test_cli_writes_png_and_timing_table(tiny_export: Path, tmp_path: Path) -> N
     assert np.array_equal(np.asarray(image), np.asarray(expected.images[0]))
 
 
+def test_cli_saves_final_latents(tiny_export: Path, tmp_path: Path) -> None:
+    latents = tmp_path / "run.npy"
+    args = [str(tiny_export), "a red circle", "--steps", "6", "--gate", "2", "--seed", "4"]
+    proc = _run(*args, "--out", str(tmp_path / "a.png"), "--save-latents", str(latents))
+    assert proc.returncode == 0, proc.stderr
+    expected = TGatePipeline.from_export(tiny_export)("a red circle", num_inference_steps=6, gate_step=2, seed=4)
+    saved = np.load(latents)
+    assert saved.dtype == np.float32 and np.array_equal(saved, expected.latents)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.png", "run.npy"]  # no temp file left
+    bad = _run(*args, "--out", str(tmp_path / "b.png"), "--save-latents", str(tmp_path / "x.txt"))
+    assert bad.returncode == 2 and "--save-latents must be a .npy path" in bad.stderr
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from ..manifest import ManifestError
@@ -38,6 +39,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (default: 0 = the backend's choice)")
     p.add_argument("--out", type=Path, default=Path("image.png"), help="PNG path (index added for batch > 1)")
+    p.add_argument(
+        "--save-latents",
+        type=Path,
+        default=None,
+        metavar="FILE.npy",
+        help="also write the final latents (before the VAE, float32 [B,C,h,w]) so runs can be compared exactly",
+    )
     return p
 
 
@@ -56,6 +64,10 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"--out must be a .png path, got {args.out}")
     if not args.out.parent.exists():
         return _fail(f"the folder of --out ({args.out.parent}) does not exist")
+    if args.save_latents is not None and (
+        args.save_latents.suffix != ".npy" or not args.save_latents.parent.is_dir()
+    ):
+        return _fail(f"--save-latents must be a .npy path in an existing folder, got {args.save_latents}")
     try:
         pipe = TGatePipeline.from_export(
             args.export_dir, backend=args.backend, threads=args.threads, engines=args.engines
@@ -93,6 +105,11 @@ def main(argv: list[str] | None = None) -> int:
         tmp = path.with_name(f".{path.name}.tmp")
         image.save(tmp, format="PNG")
         tmp.replace(path)
+    if args.save_latents is not None:
+        tmp = args.save_latents.with_name(f".{args.save_latents.name}.tmp.npy")
+        np.save(tmp, result.latents.astype(np.float32))
+        tmp.replace(args.save_latents)
+        paths.append(args.save_latents)
     gate = f"gate {args.gate}" if args.gate < args.steps else "no gate"
     print(f"{args.steps} steps, {gate}, seed {args.seed}, {w}x{h} -> {', '.join(map(str, paths))}")
     print(format_timings(result.timings, result.calls))
