@@ -6,8 +6,9 @@ import pytest
 import torch
 
 from tgate_trt.export.models import build_tiny
-from tgate_trt.export.reference import tgate_reference
+from tgate_trt.export.reference import plan_reference, tgate_reference
 from tgate_trt.export.tgate import GateState, TGateAttnProcessor, cross_attention_modules, install_tgate
+from tgate_trt.methods.plan import TGateParams
 
 STEPS = 10
 
@@ -92,3 +93,43 @@ def test_processor_is_installed_with_set_attn_processor(tiny_pipe) -> None:
     assert again is state
     # forward is untouched: the Attention class still owns it
     assert "forward" not in vars(dict(unet.named_modules())[names[0]])
+
+
+def _tiny(scheduler: str):  # noqa: ANN202 (a diffusers pipeline)
+    pipe = build_tiny()
+    if scheduler == "dpm++":
+        from diffusers import DPMSolverMultistepScheduler
+
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+    return pipe
+
+
+@pytest.mark.parametrize(
+    ("steps", "params", "scheduler"),
+    [
+        (25, TGateParams.v2(), "ddim"),  # the authors' defaults: 10 / 5 / 1 / 2
+        (12, TGateParams(6, 2, 2, 1), "ddim"),  # fi > 1: self-attention replayed after the gate too
+        (12, TGateParams(5, 3, 3, 0), "dpm++"),  # DPM-Solver++, the gate step's averaged attn1 replayed
+    ],
+)
+def test_plan_reference_equals_authors_package_v2(steps: int, params: TGateParams, scheduler: str) -> None:
+    """V2 (self-attention cached on a schedule) on the plain UNet, processors set from the plan; the authors'
+    pipeline is built fresh for each run (its loader rewires the modules it is given and keeps caches)."""
+    tgate = pytest.importorskip("tgate", reason="the authors' tgate package (dev extra) is not installed")
+    prompt, negative = ["a red circle on the left", "a blue square"], ["", ""]
+    ours, plan = plan_reference(
+        _tiny(scheduler), prompt, params, negative, steps, generator=torch.Generator().manual_seed(3), output_type="pt"
+    )
+    kw = {"negative_prompt": negative, "num_inference_steps": steps, "output_type": "latent"}
+    theirs = tgate.TgateSDLoader(_tiny(scheduler)).tgate(
+        prompt, gate_step=params.gate_step, sp_interval=params.sp_interval, fi_interval=params.fi_interval,
+        warm_up=params.warm_up, generator=torch.Generator().manual_seed(3), **kw,
+    ).images
+    assert (ours.latents - theirs).abs().max().item() <= 1e-4
+    v1 = tgate.TgateSDLoader(_tiny(scheduler)).tgate(
+        prompt, gate_step=params.gate_step, sp_interval=1, fi_interval=1, warm_up=0,
+        generator=torch.Generator().manual_seed(3), **kw,
+    ).images
+    assert (theirs - v1).abs().max().item() > 1e-2  # V2 differs from V1: the equality above is not V1's
+    assert any("attn1" in s.replay for s in plan)
+    assert (ours.pregate_calls, ours.postgate_calls) == (params.gate_step, steps - params.gate_step)

@@ -13,9 +13,9 @@ import torch
 
 from .. import manifest as mf
 from ..manifest import check_gate
-from ..methods.plan import TGateParams, family_plan
+from ..methods.plan import KINDS, MEAN, Step, TGateParams, family_plan
 from .families import detect_family
-from .tgate import PostGateUNet, PreGateUNet
+from .tgate import PostGateUNet, PreGateUNet, install_tgate, remove_tgate
 
 
 @dataclass
@@ -121,6 +121,63 @@ def tgate_reference(
         latents = pipe.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
     images = decode_latents(pipe, latents, output_type)
     return ReferenceOutput(latents, images, *counts)
+
+
+@torch.no_grad()
+def plan_reference(
+    pipe: Any,
+    prompt: str | list[str],
+    params: TGateParams,
+    negative_prompt: str | list[str] | None = None,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 7.5,
+    generator: torch.Generator | None = None,
+    output_type: str = "pil",
+) -> tuple[ReferenceOutput, list[Step]]:
+    """T-GATE with any parameters (V2: self-attention cached on a schedule too) on the plain UNet, its
+    ``attn1`` and ``attn2`` processors set per call from the plan: the ground truth for graph variants.
+
+    SD-1.x/2.x with CFG only, for now. As the authors' loop does, calls after the gate run batch ``B`` on
+    the negative text states (their cross-attention replays, so the states are never read).
+    """
+    family = detect_family(pipe)
+    if family.family != "sd" or not family.cfg:
+        raise ValueError(f"the plan reference covers SD-1.x/2.x with CFG; this pipeline is {family.family}")
+    height = width = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    batch = 1 if isinstance(prompt, str) else len(prompt)
+    feeds = encode_conditioning(pipe, family, prompt, negative_prompt, guidance_scale, height, width)
+    pipe.scheduler.set_timesteps(num_inference_steps, device=pipe._execution_device)
+    timesteps = pipe.scheduler.timesteps
+    embeds, negative = feeds[mf.PROMPT_EMBEDS], feeds[mf.NEGATIVE_PROMPT_EMBEDS]
+    latents = pipe.prepare_latents(
+        batch, pipe.unet.config.in_channels, height, width, embeds.dtype, pipe._execution_device, generator
+    )
+    extra = pipe.prepare_extra_step_kwargs(generator, 0.0)
+    states = {kind: install_tgate(pipe.unet, kind)[0] for kind in KINDS}
+    steps = family_plan(num_inference_steps, params, family, pipe.scheduler.order, len(timesteps))
+    counts = [0, 0]
+    try:
+        for step, t in zip(steps, timesteps, strict=True):
+            captures = dict(step.capture)
+            for kind, state in states.items():
+                if kind in step.replay:
+                    state.mode = "replay"
+                elif kind in captures:  # a fresh cache: later replays read this step's outputs
+                    state.mode, state.cfg, state.cache, state.order = "capture", captures[kind] == MEAN, {}, []
+                else:
+                    state.mode = "compute"
+            x = torch.cat([latents, latents]) if step.cfg else latents
+            text = torch.cat([negative, embeds]) if step.cfg else negative
+            x = pipe.scheduler.scale_model_input(x, t)
+            noise = pipe.unet(x, t, encoder_hidden_states=text, return_dict=False)[0]
+            if step.cfg:
+                uncond, cond = noise.chunk(2)
+                noise = uncond + guidance_scale * (cond - uncond)
+            counts["attn2" in step.replay] += 1
+            latents = pipe.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+    finally:
+        remove_tgate(pipe.unet)
+    return ReferenceOutput(latents, decode_latents(pipe, latents, output_type), *counts), steps
 
 
 def decode_latents(pipe: Any, latents: torch.Tensor, output_type: str = "pil") -> Any:

@@ -71,23 +71,29 @@ def _module_sort_key(name: str) -> tuple[int, ...]:
     return (group, *map(int, re.findall(r"\d+", name)))
 
 
+def attention_modules(unet: torch.nn.Module, kind: str = "attn2") -> list[str]:
+    """Module paths of every ``attn1`` (self-) or ``attn2`` (cross-attention) in execution order."""
+    names = [n for n, m in unet.named_modules() if isinstance(m, Attention) and n.endswith(f".{kind}")]
+    return sorted(names, key=_module_sort_key)
+
+
 def cross_attention_modules(unet: torch.nn.Module) -> list[str]:
     """Module paths of every ``attn2`` in execution order (the cache order of the graphs)."""
-    names = [n for n, m in unet.named_modules() if isinstance(m, Attention) and n.endswith(".attn2")]
-    return sorted(names, key=_module_sort_key)
+    return attention_modules(unet, "attn2")
 
 
 def _base_processor(proc: Any) -> Any:
     return proc.base if isinstance(proc, TGateAttnProcessor) else proc
 
 
-def install_tgate(unet: Any) -> tuple[GateState, list[str]]:
-    """Swap every ``attn2`` processor for a :class:`TGateAttnProcessor`; idempotent.
+def install_tgate(unet: Any, kind: str = "attn2") -> tuple[GateState, list[str]]:
+    """Swap every ``kind`` (``attn2``, or ``attn1`` for T-GATE V2) processor for a :class:`TGateAttnProcessor`;
+    idempotent.
 
-    All processors of one UNet share one :class:`GateState`, so the pre- and post-gate wrappers of
-    the same UNet drive the same modules; returns the state and the attn2 names in cache order.
+    All processors of one kind share one :class:`GateState`, so the pre- and post-gate wrappers of
+    the same UNet drive the same modules; returns the state and the module names in cache order.
     """
-    names = cross_attention_modules(unet)
+    names = attention_modules(unet, kind)
     processors = dict(unet.attn_processors)
     current = processors[f"{names[0]}.processor"] if names else None
     if isinstance(current, TGateAttnProcessor):
@@ -96,7 +102,7 @@ def install_tgate(unet: Any) -> tuple[GateState, list[str]]:
     for name in names:
         attn = modules[name]
         if attn.residual_connection or attn.rescale_output_factor != 1.0:
-            raise ValueError(f"{name}: attn2 with a residual inside the processor can't be gated")
+            raise ValueError(f"{name}: attention with a residual inside the processor can't be gated")
     state = GateState()
     for name in names:
         processors[f"{name}.processor"] = TGateAttnProcessor(name, state, processors[f"{name}.processor"])
