@@ -263,19 +263,8 @@ class Manifest:
 
     def verify(self, folder: str | os.PathLike[str], graphs: tuple[str, ...] | None = None) -> None:
         """Check every graph file against its recorded sha256; the message names the bad file."""
-        folder = Path(folder)
         for key in graphs or tuple(self.graphs):
-            for rel, digest in self.graphs[key].files.items():
-                file = folder / rel
-                if not file.is_file():
-                    raise ManifestError(f"{file} is missing (named by {MANIFEST_NAME}): re-export the model")
-                actual = sha256_file(file)
-                if actual != digest:
-                    raise ManifestError(
-                        f"{file} does not match its sha256 in {MANIFEST_NAME} "
-                        f"(expected {digest[:16]}..., found {actual[:16]}...): the file was modified or "
-                        "corrupted; re-export the model"
-                    )
+            check_files(Path(folder), self.graphs[key].files, "re-export the model")
 
     # --- derived facts -------------------------------------------------------------------------
     @property
@@ -308,6 +297,22 @@ def _find(specs: list[TensorSpec], name: str) -> TensorSpec:
         if spec.name == name:
             return spec
     raise KeyError(f"no tensor named {name!r}; have {[s.name for s in specs]}")
+
+
+def check_files(
+    folder: Path, files: dict[str, str], remedy: str, error: type[ManifestError] = ManifestError
+) -> None:
+    """Every file (path relative to ``folder`` -> sha256) present and unchanged; the message names the file."""
+    for rel, digest in files.items():
+        file = folder / rel
+        if not file.is_file():
+            raise error(f"{file} is missing (named by {MANIFEST_NAME}): {remedy}")
+        actual = sha256_file(file)
+        if actual != digest:
+            raise error(
+                f"{file} does not match its sha256 in {MANIFEST_NAME} (expected {digest[:16]}..., found "
+                f"{actual[:16]}...): the file was modified or corrupted; {remedy}"
+            )
 
 
 def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:

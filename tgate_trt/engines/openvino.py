@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .. import manifest as mf
+from ..export.onnx_io import relative_error
 
 OV_DIR = "openvino"
 TARGET = "openvino"
@@ -35,7 +36,7 @@ VALIDATION_PROMPTS = ["a photograph of an astronaut riding a horse", "a red circ
 TOLERANCES = {"f32": 1e-3, "f16": 0.15, "bf16": 0.15, "int8w": 0.25}
 # Graphs kept in f32 whatever the precision, and why (measured; benchmarks/README.md, "OpenVINO").
 _TEXT_F32 = (
-    "runs once per image: bf16 saves ~50 ms of ~7 s on SD-1.5 at 256x256 (117 -> 67 ms a call) but moves the "
+    "runs once per image: bf16 saves ~50 ms of ~9 s on SD-1.5 at 256x256 (117 -> 67 ms a call) but moves the "
     "text states, which every denoising step reads, by 7e-3 (relative L2)"
 )
 KEEP_F32: dict[str, str] = {mf.TEXT_ENCODER: _TEXT_F32, mf.TEXT_ENCODER_2: _TEXT_F32}
@@ -95,10 +96,10 @@ def graph_precisions(keys: list[str], precision: str, device: str, core: Any) ->
 
 
 def compile_config(inference: str, device: str, threads: int = 0) -> dict[str, str]:
-    """Latency settings for one request at a time: one stream, every core the process may use.
+    """Latency settings for one request at a time: one stream, every CPU the process may use.
 
-    OpenVINO's LATENCY hint alone picks physical cores by its own topology rules; on small VMs that can
-    leave cores idle, so the thread count is set from the process's CPU affinity unless given.
+    The thread count is set from the process's CPU affinity unless given, rather than left to the LATENCY
+    hint's own topology rules, which leave hyper-threads out (``ENABLE_HYPER_THREADING`` is off under it).
     """
     config = {"INFERENCE_PRECISION_HINT": inference, "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
     if device == "CPU":
@@ -106,7 +107,9 @@ def compile_config(inference: str, device: str, threads: int = 0) -> dict[str, s
     return config
 
 
-def check_request(export_dir: Path, name: str, precision: str | None, device: str) -> tuple[mf.Manifest, str, str]:
+def check_request(
+    export_dir: Path, name: str, precision: str | None, device: str
+) -> tuple[mf.Manifest, str, str, Any]:
     """Everything refused before any conversion: export, target folder, device, precision."""
     manifest = mf.Manifest.load(export_dir, verify=True)
     if mf.QUANTIZATION in manifest.extra:
@@ -148,7 +151,7 @@ def check_request(export_dir: Path, name: str, precision: str | None, device: st
             import nncf  # noqa: F401
         except ImportError as exc:
             raise OpenVINOMissing(f"--precision int8w needs NNCF ({exc}): {INSTALL_HINT}") from exc
-    return manifest, precision, why
+    return manifest, precision, why, core
 
 
 def _export_parts(manifest: mf.Manifest) -> set[str]:
@@ -174,14 +177,6 @@ def validation_feeds(export_dir: Path, manifest: mf.Manifest, key: str) -> dict[
             return {"input_ids": np.asarray(ids, np.int64)}
     lat_h, lat_w = manifest.latent_size(int(manifest.defaults["height"]), int(manifest.defaults["width"]))
     return random_feeds(manifest, key, lat_h, lat_w)
-
-
-def relative_error(got: np.ndarray, want: np.ndarray) -> float:
-    """||got - want|| / ||want||, the same measure tgate-quantize uses."""
-    want = want.astype(np.float32)
-    if got.shape != want.shape:
-        return float("inf")
-    return float(np.linalg.norm(got.astype(np.float32) - want) / max(float(np.linalg.norm(want)), 1e-12))
 
 
 def _ort_outputs(path: Path, feeds: dict[str, np.ndarray], names: list[str]) -> list[np.ndarray]:
@@ -218,11 +213,10 @@ def build_openvino(
     from tqdm import tqdm
 
     export_dir = Path(export_dir)
-    manifest, precision, why = check_request(export_dir, name, precision, device)
+    manifest, precision, why, core = check_request(export_dir, name, precision, device)
     if why:
         say(f"precision {precision}: {why}")
     ov = import_openvino()
-    core = ov.Core()
     keys = list(manifest.graphs)
     per_graph = graph_precisions(keys, precision, device, core)
     graphs: dict[str, Any] = {}

@@ -130,3 +130,11 @@ def random_feeds(manifest: mf.Manifest, key: str, lat_h: int, lat_w: int, batch:
     if mf.GUIDANCE_SCALE in out:
         out[mf.GUIDANCE_SCALE] = np.array([7.5], np.float32)
     return out
+
+
+def relative_error(got: np.ndarray, want: np.ndarray) -> float:
+    """||got - want|| / ||want|| (inf when the shapes differ): how far one graph's output is from a reference's."""
+    want = want.astype(np.float32)
+    if got.shape != want.shape:
+        return float("inf")
+    return float(np.linalg.norm(got.astype(np.float32) - want) / max(float(np.linalg.norm(want)), 1e-12))

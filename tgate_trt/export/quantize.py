@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 
 from .. import manifest as mf
-from .onnx_io import ScratchDir, describe, finalize, random_feeds
+from .onnx_io import ScratchDir, describe, finalize, random_feeds, relative_error
 
 QUANTIZED_OPS = ("MatMul",)
 UNET_GRAPHS = (mf.PREGATE, mf.POSTGATE)
@@ -92,10 +92,7 @@ def relative_errors(manifest: mf.Manifest, src: Path, quantized: Path, key: str)
         outputs.append(session.run(None, feeds))
         del session
     names = [o.name for o in manifest.graphs[key].outputs]
-    return {
-        name: float(np.linalg.norm(q - f) / max(float(np.linalg.norm(f)), 1e-12))
-        for name, f, q in zip(names, *outputs, strict=True)
-    }
+    return {name: relative_error(q, f) for name, f, q in zip(names, *outputs, strict=True)}
 
 
 def quantize_export(

@@ -58,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.batch < 1:
         return _fail(f"--batch must be >= 1, got {args.batch}")
+    if args.threads < 0:
+        return _fail(f"--threads must be >= 0 (0: the backend's choice), got {args.threads}")
     if args.engines is not None and args.backend != "openvino":
         return _fail("--engines names an OpenVINO build: use it with --backend openvino")
     if args.out.suffix.lower() != ".png":

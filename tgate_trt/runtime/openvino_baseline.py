@@ -13,12 +13,12 @@ our pipeline draws from the same seed (tested), so beside ours it measures the s
 from __future__ import annotations
 
 import json
-import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 from .. import manifest as mf
+from ..engines.openvino import compile_config
 from .optimum_baseline import SOURCE_NAME, OptimumBaselineError, check_export, generate, stage_timer
 
 __all__ = [
@@ -92,11 +92,6 @@ def export_pipeline(model: str, random_weights: bool, folder: Path) -> Path:
     return folder
 
 
-def cores() -> int:
-    """CPUs this process may run on (the thread count when none is given)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def load_pipeline(
     folder: Path, export: Path, precision: str, threads: int = 0, height: int = 512, width: int = 512
 ) -> Any:
@@ -112,11 +107,7 @@ def load_pipeline(
     manifest = mf.Manifest.load(export, verify=False)  # only the scheduler config and defaults are read
     check_export(manifest, PIPELINE)
     config = json.loads((export / manifest.scheduler / "scheduler_config.json").read_text())
-    ov_config = {
-        "INFERENCE_PRECISION_HINT": precision,
-        "PERFORMANCE_HINT": "LATENCY",
-        "INFERENCE_NUM_THREADS": str(threads or cores()),
-    }
+    ov_config = compile_config(precision, "CPU", threads)  # the settings our OpenVINO engines use
     pipe = OVStableDiffusionPipeline.from_pretrained(
         str(folder),  # a str: optimum-intel's check whether a folder is exported mishandles a Path
         scheduler=make_scheduler(default_scheduler(config), config),

@@ -66,15 +66,7 @@ def check_section(section: Mapping[str, Any], *, ov_version: str, device: str) -
 def verify_files(root: Path, section: Mapping[str, Any]) -> None:
     """Every ``.xml`` and ``.bin`` against its sha256; the message names the file."""
     for graph in section["graphs"].values():
-        for rel, digest in graph["files"].items():
-            path = root / rel
-            if not path.is_file():
-                raise OvMismatch(f"{path} is missing: rebuild with tgate-build --target openvino")
-            if mf.sha256_file(path) != digest:
-                raise OvMismatch(
-                    f"{path} does not match its sha256 in {mf.MANIFEST_NAME}: the file was modified; rebuild with "
-                    "tgate-build --target openvino"
-                )
+        mf.check_files(root, graph["files"], "rebuild with tgate-build --target openvino", OvMismatch)
 
 
 class OvEngine:
