@@ -9,16 +9,18 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-MANIFEST_NAME = "manifest.json"
-FORMAT_VERSION = 1
+from .contract import limits
+from .contract.errors import UsageError, UserError
+from .contract.files import MANIFEST_NAME, MARKER, atomic_write_json, atomic_write_text, staged_dir
+
+__all__ = ["MANIFEST_NAME", "MARKER", "atomic_write_text", "staged_dir"]  # re-exported for later stages
+
+# 2: every file of an export under sha256 (tokenizer, scheduler, configs), defaults.max_pixels, schema
+FORMAT_VERSION = 2
 
 # Graph keys; folder names follow optimum's layout (``<part>/model.onnx``).
 PREGATE = "unet_pregate"
@@ -102,9 +104,9 @@ class ModelFamily:
 
     def __post_init__(self) -> None:
         if self.family not in FAMILIES:
-            raise ValueError(f"unknown model family {self.family!r}; known: {', '.join(FAMILIES)}")
+            raise UsageError(f"unknown model family {self.family!r}; known: {', '.join(FAMILIES)}")
         if self.cfg and self.guidance_embedding is not None:
-            raise ValueError("a UNet with a guidance embedding (time_cond_proj_dim) is guidance-free: no CFG")
+            raise UsageError("a UNet with a guidance embedding (time_cond_proj_dim) is guidance-free: no CFG")
 
     @property
     def takes_guidance(self) -> bool:
@@ -140,23 +142,16 @@ def gate_semantics(family: ModelFamily) -> str:
     return text + (ADDED_CONDITIONING_SEMANTICS if family.added_conditioning else "")
 
 
-MAX_STEPS = 1000
+MAX_STEPS = limits.MAX_STEPS
 
 
 def check_gate(num_inference_steps: int, gate_step: int) -> None:
     """The gate rule every stage applies: a cache needs at least one CFG step before it."""
-    if not isinstance(num_inference_steps, int) or not 1 <= num_inference_steps <= MAX_STEPS:
-        raise ValueError(
-            f"num_inference_steps must be an integer in 1..{MAX_STEPS}, got {num_inference_steps!r}"
-        )
-    if not isinstance(gate_step, int) or gate_step <= 0:
-        raise ValueError(
-            f"gate_step must be an integer >= 1 (got {gate_step!r}): the cache comes from the last CFG "
-            "step; use gate_step >= num_inference_steps for a plain CFG run"
-        )
+    limits.check_steps(num_inference_steps)
+    limits.check_gate(num_inference_steps, gate_step)
 
 
-class ManifestError(RuntimeError):
+class ManifestError(UserError, RuntimeError):
     """The export folder does not match its manifest (missing, corrupt or incompatible)."""
 
 
@@ -211,18 +206,18 @@ class Manifest:
     extra: dict[str, Any] = field(default_factory=dict)  # later stages' sections (e.g. engines)
     format_version: int = FORMAT_VERSION
     model: ModelFamily = field(default_factory=ModelFamily)  # absent in older manifests: SD
+    files: dict[str, str] = field(default_factory=dict)  # every other file (tokenizer, scheduler, configs)
 
     # --- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> Manifest:
-        if data.get("format_version") != FORMAT_VERSION:
-            raise ManifestError(
-                f"manifest format_version {data.get('format_version')!r} is not {FORMAT_VERSION}: "
-                "re-export the model with this version of tgate-trt"
-            )
+    def from_dict(cls, data: Any) -> Manifest:
+        """Schema-checked: a wrong, missing or inconsistent field is a ManifestError naming it."""
+        from .contract.schema import check_manifest
+
+        check_manifest(data, FORMAT_VERSION, ManifestError)
         data = dict(data)
         data["graphs"] = {
             k: GraphSpec(
@@ -239,9 +234,7 @@ class Manifest:
         return cls(**data)
 
     def save(self, folder: str | os.PathLike[str]) -> Path:
-        path = Path(folder) / MANIFEST_NAME
-        atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
-        return path
+        return atomic_write_json(Path(folder) / MANIFEST_NAME, self.to_dict())
 
     @classmethod
     def load(cls, folder: str | os.PathLike[str], verify: bool = True) -> Manifest:
@@ -254,17 +247,23 @@ class Manifest:
             raise ManifestError(f"{folder} has no {MANIFEST_NAME}: it is not a tgate-export folder")
         try:
             data = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise ManifestError(f"{path} is not valid JSON ({exc}): re-export the model") from exc
+        except OSError as exc:
+            raise ManifestError(f"{path} can't be read ({exc.strerror})") from exc
         manifest = cls.from_dict(data)
         if verify:
             manifest.verify(folder)
         return manifest
 
     def verify(self, folder: str | os.PathLike[str], graphs: tuple[str, ...] | None = None) -> None:
-        """Check every graph file against its recorded sha256; the message names the bad file."""
-        for key in graphs or tuple(self.graphs):
+        """Check every graph file (and every other file) against its sha256; the message names the bad file.
+
+        ``graphs`` limits the graph files checked (a backend that reads only some); the tokenizer,
+        scheduler and config files are always checked, since every backend reads them."""
+        for key in graphs if graphs is not None else tuple(self.graphs):
             check_files(Path(folder), self.graphs[key].files, "re-export the model")
+        check_files(Path(folder), self.files, "re-export the model")
 
     # --- derived facts -------------------------------------------------------------------------
     @property
@@ -281,14 +280,20 @@ class Manifest:
         """Batch the text encoders run at: prompts and negatives together with CFG, prompts alone without."""
         return 2 * batch if self.model.cfg else batch
 
-    def latent_size(self, height: int, width: int) -> tuple[int, int]:
-        """Latent size for an image size, or a ValueError saying which sizes the graphs accept."""
-        factor = self.latent["vae_scale_factor"] * self.latent["multiple"]
-        if height <= 0 or width <= 0 or height % factor or width % factor:
-            raise ValueError(
-                f"height and width must be positive multiples of {factor} for this export, "
-                f"got {height}x{width}"
-            )
+    @property
+    def size_multiple(self) -> int:
+        """Image sizes the graphs take are multiples of this."""
+        return int(self.latent["vae_scale_factor"] * self.latent["multiple"])
+
+    @property
+    def max_pixels(self) -> int:
+        """The export's pixel cap per image (a memory budget), overridable at load."""
+        return int(self.defaults["max_pixels"])
+
+    def latent_size(self, height: int, width: int, max_pixels: int | None = None) -> tuple[int, int]:
+        """Latent size for an image size, or a UsageError saying which sizes the graphs accept."""
+        cap = self.max_pixels if max_pixels is None else max_pixels
+        height, width = limits.check_size(height, width, self.size_multiple, cap)
         return height // self.latent["vae_scale_factor"], width // self.latent["vae_scale_factor"]
 
 
@@ -305,6 +310,8 @@ def check_files(
     """Every file (path relative to ``folder`` -> sha256) present and unchanged; the message names the file."""
     for rel, digest in files.items():
         file = folder / rel
+        if Path(rel).is_absolute() or ".." in Path(rel).parts:
+            raise error(f"{MANIFEST_NAME} names {rel!r}, which is outside the folder: {remedy}")
         if not file.is_file():
             raise error(f"{file} is missing (named by {MANIFEST_NAME}): {remedy}")
         actual = sha256_file(file)
@@ -321,41 +328,3 @@ def sha256_file(path: str | os.PathLike[str], chunk: int = 1 << 22) -> str:
         while block := fh.read(chunk):
             digest.update(block)
     return digest.hexdigest()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write to a temp file beside ``path`` and rename, so readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the file private
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-@contextmanager
-def staged_dir(out: Path) -> Iterator[Path]:
-    """A temp folder beside ``out`` that becomes ``out`` only if the block finishes; otherwise it is removed.
-
-    Exports, int8 copies and Triton repositories are all published this way, so a failure or an interrupt
-    never leaves a half-written folder; an existing ``out`` (``--force``) is deleted only after the swap.
-    """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)  # mkdtemp's 0700 would make the published folder private
-    try:
-        yield tmp
-        old = None
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
-            out.rename(old)
-        tmp.rename(out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise

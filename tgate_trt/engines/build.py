@@ -18,6 +18,7 @@ from types import ModuleType
 from typing import Any
 
 from .. import manifest as mf
+from ..contract.errors import UsageError, UserError
 from .options import BuilderSettings, BuildOptions, apply_settings, builder_settings, save_timing_cache
 from .profiles import Profile, all_profiles, is_static
 
@@ -29,7 +30,7 @@ INSTALL_HINT = (
 )
 
 
-class TensorRTMissing(RuntimeError):
+class TensorRTMissing(UserError, RuntimeError):
     """The TensorRT builder (Python package ``tensorrt``) is not importable here."""
 
 
@@ -170,7 +171,7 @@ def build_engines(
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     manifest = mf.Manifest.load(export_dir, verify=True)
     if mf.QUANTIZATION in manifest.extra:
-        raise ValueError(
+        raise UsageError(
             f"{export_dir} is an int8 copy for ONNX Runtime on CPUs (tgate-quantize): build engines from its "
             "fp32 or fp16 source export"
         )
@@ -181,7 +182,7 @@ def build_engines(
     gpu = gpu_info()
     cc = gpu["compute_capability"]
     if options.hardware_compat == "ampere+" and cc is not None and float(cc) < 8.0:
-        raise ValueError(
+        raise UsageError(
             f"--hardware-compat ampere+ needs an Ampere or newer GPU to build on; this is {gpu['name']} "
             f"({cc})"
         )

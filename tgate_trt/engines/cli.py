@@ -4,20 +4,23 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
-from ..manifest import ManifestError
+from ..contract import limits
+from ..contract.cli import Parser, command
+from ..contract.errors import UsageError
 from .build import TensorRTMissing, build_engines, import_tensorrt
 from .openvino import DEVICES as OV_DEVICES
-from .openvino import OV_DIR, OpenVINOBuildError, OpenVINOMissing, build_openvino, format_validation
+from .openvino import OV_DIR, build_openvino, format_validation
 from .openvino import PRECISIONS as OV_PRECISIONS
 from .options import HARDWARE_COMPAT, BuildOptions, parse_range
 
 TARGETS = ("tensorrt", "openvino")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> Parser:
+    p = Parser(
         prog="tgate-build",
         description="Build engines from a tgate-export folder: TensorRT plans (NVIDIA GPUs) or OpenVINO IR "
         "(Intel CPUs and GPUs).",
@@ -77,22 +80,15 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fail(msg: str) -> int:
-    print(f"tgate-build: error: {msg}", file=sys.stderr)
-    return 2
-
-
 def _openvino(args: argparse.Namespace) -> int:
     export = args.export_dir
     out = args.out or export / OV_DIR
     if out.resolve().parent != export.resolve():
-        return _fail(f"--out for OpenVINO must be a folder directly inside {export} (the manifest names it), got {out}")
-    if args.threads < 0:
-        return _fail(f"--threads must be >= 0, got {args.threads}")
-    try:
-        section = build_openvino(export, out.name, args.precision, args.device, args.threads)
-    except (OpenVINOMissing, OpenVINOBuildError, ManifestError, ValueError) as exc:
-        return _fail(str(exc))
+        raise UsageError(
+            f"--out for OpenVINO must be a folder directly inside {export} (the manifest names it), got {out}"
+        )
+    limits.check_int("--threads", args.threads, 0, None, " (0: every core allowed)")
+    section = build_openvino(export, out.name, args.precision, args.device, args.threads)
     print(format_validation(section["validation"]["rows"]))
     size = sum((export / rel).stat().st_size for g in section["graphs"].values() for rel in g["files"]) / 2**20
     print(
@@ -104,34 +100,31 @@ def _openvino(args: argparse.Namespace) -> int:
     return 0
 
 
-def main(argv: list[str] | None = None) -> int:
+@command("tgate-build")
+def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.target == "openvino":
         return _openvino(args)
-    try:
-        options = BuildOptions(
-            fp16=args.fp16,
-            strongly_typed=args.strongly_typed,
-            timing_cache=args.timing_cache,
-            optimization_level=args.opt_level,
-            workspace_gib=args.workspace_gib,
-            hardware_compat=args.hardware_compat,
-            version_compatible=args.version_compatible,
-            exclude_lean_runtime=args.exclude_lean_runtime,
-            strip_weights=args.strip_weights,
-            dynamic=dict(parse_range(r) for r in args.dynamic),
-        )
-        from ..manifest import Manifest
+    limits.check_batch(args.batch)
+    options = BuildOptions(
+        fp16=args.fp16,
+        strongly_typed=args.strongly_typed,
+        timing_cache=args.timing_cache,
+        optimization_level=args.opt_level,
+        workspace_gib=args.workspace_gib,
+        hardware_compat=args.hardware_compat,
+        version_compatible=args.version_compatible,
+        exclude_lean_runtime=args.exclude_lean_runtime,
+        strip_weights=args.strip_weights,
+        dynamic=dict(parse_range(r) for r in args.dynamic),
+    )
+    from ..manifest import Manifest
 
-        defaults = Manifest.load(args.export_dir, verify=False).defaults
-        height = args.height or defaults["height"]
-        width = args.width or defaults["width"]
-        out = args.out or args.export_dir / "engines"
-        section = build_engines(args.export_dir, out, options, args.batch, height, width)
-    except TensorRTMissing as exc:
-        return _fail(str(exc))
-    except (ManifestError, ValueError) as exc:
-        return _fail(str(exc))
+    defaults = Manifest.load(args.export_dir, verify=False).defaults
+    height = defaults["height"] if args.height is None else args.height
+    width = defaults["width"] if args.width is None else args.width
+    out = args.out or args.export_dir / "engines"
+    section = build_engines(args.export_dir, out, options, args.batch, height, width)
     for key, plan in section["plans"].items():
         print(
             f"{key:<14} {out / plan['file']}  {plan['bytes'] / 2**20:8.1f} MiB  sha256 {plan['sha256'][:12]}"

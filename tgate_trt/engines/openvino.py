@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .. import manifest as mf
+from ..contract.errors import UserError
 from ..export.onnx_io import relative_error
 
 OV_DIR = "openvino"
@@ -42,11 +43,11 @@ _TEXT_F32 = (
 KEEP_F32: dict[str, str] = {mf.TEXT_ENCODER: _TEXT_F32, mf.TEXT_ENCODER_2: _TEXT_F32}
 
 
-class OpenVINOMissing(RuntimeError):
+class OpenVINOMissing(UserError, RuntimeError):
     """The ``openvino`` package (or NNCF for int8w) is not importable here."""
 
 
-class OpenVINOBuildError(RuntimeError):
+class OpenVINOBuildError(UserError, RuntimeError):
     """A build that can't start or whose graphs failed validation; the message says what to change."""
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import manifest as mf
+from ..contract.errors import UsageError
 from .profiles import RANGE_KEYS
 
 HARDWARE_COMPAT = {"none": "NONE", "ampere+": "AMPERE_PLUS"}
@@ -40,32 +41,32 @@ class BuildOptions:
             self.timing_cache = Path(self.timing_cache)
         level = self.optimization_level
         if not isinstance(level, int) or isinstance(level, bool) or not 0 <= level <= MAX_OPT_LEVEL:
-            raise ValueError(
+            raise UsageError(
                 f"optimization level must be an integer 0..{MAX_OPT_LEVEL} (3 is TensorRT's default; higher "
                 f"builds longer for possibly faster engines), got {level!r}"
             )
         if self.workspace_gib is not None and not self.workspace_gib > 0:
-            raise ValueError(
+            raise UsageError(
                 f"workspace must be a positive number of GiB, got {self.workspace_gib!r}; "
                 "leave it out to let TensorRT use all free device memory"
             )
         if self.hardware_compat not in HARDWARE_COMPAT:
-            raise ValueError(
+            raise UsageError(
                 f"hardware compatibility must be one of {', '.join(HARDWARE_COMPAT)}, "
                 f"got {self.hardware_compat!r}"
             )
         if self.exclude_lean_runtime and not self.version_compatible:
-            raise ValueError(
+            raise UsageError(
                 "excluding the lean runtime only applies to version-compatible plans: "
                 "add --version-compatible"
             )
         self.dynamic = dict(self.dynamic)
         for key, value in self.dynamic.items():
             if key not in RANGE_KEYS:
-                raise ValueError(f"dynamic ranges are for {', '.join(RANGE_KEYS)}, got {key!r}")
+                raise UsageError(f"dynamic ranges are for {', '.join(RANGE_KEYS)}, got {key!r}")
             lo, hi = value
             if not (isinstance(lo, int) and isinstance(hi, int)) or lo < 1 or lo > hi:
-                raise ValueError(f"dynamic {key} must be MIN:MAX with 1 <= MIN <= MAX, got {lo}:{hi}")
+                raise UsageError(f"dynamic {key} must be MIN:MAX with 1 <= MIN <= MAX, got {lo}:{hi}")
             self.dynamic[key] = (lo, hi)
 
     def to_dict(self) -> dict[str, Any]:
@@ -102,7 +103,7 @@ def builder_settings(options: BuildOptions, manifest: mf.Manifest) -> BuilderSet
     fp16_export = manifest.dtype == "fp16"
     strongly_typed = fp16_export if options.strongly_typed is None else options.strongly_typed
     if strongly_typed and options.fp16 and not fp16_export:
-        raise ValueError(
+        raise UsageError(
             "a strongly typed network keeps the export's fp32 types, so --fp16 would have no effect: drop "
             "--strongly-typed to build fp16 with the FP16 flag, or re-export with --dtype fp16"
         )
@@ -175,7 +176,7 @@ def parse_range(text: str) -> tuple[str, tuple[int, int]]:
     key, sep, span = text.partition("=")
     lo, colon, hi = span.partition(":")
     if not sep or not colon or not lo.strip().isdigit() or not hi.strip().isdigit():
-        raise ValueError(
+        raise UsageError(
             f"--dynamic takes NAME=MIN:MAX with NAME one of {', '.join(RANGE_KEYS)}, got {text!r}"
         )
     return key.strip(), (int(lo), int(hi))

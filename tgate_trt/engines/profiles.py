@@ -11,6 +11,7 @@ import re
 from collections.abc import Mapping
 
 from .. import manifest as mf
+from ..contract.errors import UsageError
 
 Shape = tuple[int, ...]
 Profile = dict[str, tuple[Shape, Shape, Shape]]
@@ -55,9 +56,9 @@ def dim_value(
     if dim.startswith(HW_PREFIX) and dim[len(HW_PREFIX) :].isdigit():
         level = int(dim[len(HW_PREFIX) :])
         if level <= 0:
-            raise ValueError(f"{graph_key}: dimension {dim!r} has a non-positive level")
+            raise UsageError(f"{graph_key}: dimension {dim!r} has a non-positive level")
         return (lat_h // level) * (lat_w // level)
-    raise ValueError(
+    raise UsageError(
         f"{graph_key}: the manifest uses a symbolic dimension {dim!r} that tgate-build does not know; "
         "re-export with this version of tgate-trt"
     )
@@ -74,20 +75,20 @@ def concrete_shape(
 
 def _check_batch(batch: int) -> None:
     if not isinstance(batch, int) or isinstance(batch, bool) or batch < 1:
-        raise ValueError(f"batch must be an integer >= 1, got {batch!r}")
+        raise UsageError(f"batch must be an integer >= 1, got {batch!r}")
 
 
 def _check_ranges(ranges: Mapping[str, tuple[int, int]], opt: Mapping[str, int]) -> None:
     unknown = sorted(set(ranges) - set(RANGE_KEYS))
     if unknown:
-        raise ValueError(
+        raise UsageError(
             f"dynamic ranges are given for {', '.join(RANGE_KEYS)}; unknown: {', '.join(unknown)}"
         )
     for key, (lo, hi) in ranges.items():
         if lo > hi:
-            raise ValueError(f"dynamic {key} range {lo}:{hi} has min > max")
+            raise UsageError(f"dynamic {key} range {lo}:{hi} has min > max")
         if not lo <= opt[key] <= hi:
-            raise ValueError(f"the optimal {key} {opt[key]} is outside its dynamic range {lo}:{hi}")
+            raise UsageError(f"the optimal {key} {opt[key]} is outside its dynamic range {lo}:{hi}")
 
 
 def profiles_for(
@@ -105,7 +106,7 @@ def profiles_for(
     take raise ValueError with the rule (``Manifest.latent_size``).
     """
     if graph_key not in manifest.graphs:
-        raise ValueError(f"the export has no graph {graph_key!r}; it has {', '.join(manifest.graphs)}")
+        raise UsageError(f"the export has no graph {graph_key!r}; it has {', '.join(manifest.graphs)}")
     opt = {"batch": batch, "height": height, "width": width}
     ranges = dict(ranges or {})
     _check_ranges(ranges, opt)

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from ..contract.errors import UsageError
 from ..manifest import MAX_STEPS, atomic_write_text
 from .models import resolve_model
 from .tgate import PreGateUNet
@@ -44,10 +45,10 @@ def suggest_gate(mean_curve: Sequence[float], threshold: float) -> int | None:
 
 def read_prompts(path: Path) -> list[str]:
     if not path.is_file():
-        raise ValueError(f"prompt file {path} does not exist")
+        raise UsageError(f"prompt file {path} does not exist")
     prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
     if not prompts:
-        raise ValueError(f"prompt file {path} has no prompts (one per line expected)")
+        raise UsageError(f"prompt file {path} has no prompts (one per line expected)")
     return prompts
 
 
@@ -174,16 +175,16 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _check_args(args: argparse.Namespace) -> list[str]:
     if not 2 <= args.steps <= MAX_STEPS:
-        raise ValueError(f"--steps must be in 2..{MAX_STEPS} (a change needs two steps), got {args.steps}")
+        raise UsageError(f"--steps must be in 2..{MAX_STEPS} (a change needs two steps), got {args.steps}")
     if not (args.threshold > 0 and math.isfinite(args.threshold)):
-        raise ValueError(f"--threshold must be a positive number, got {args.threshold}")
+        raise UsageError(f"--threshold must be a positive number, got {args.threshold}")
     if args.gate is not None and not 1 <= args.gate <= args.steps:
-        raise ValueError(f"--gate must be in 1..{args.steps}, got {args.gate}")
+        raise UsageError(f"--gate must be in 1..{args.steps}, got {args.gate}")
     if args.batch_size < 1:
-        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.prompt is not None:
         if not args.prompt.strip():
-            raise ValueError("--prompt is empty")
+            raise UsageError("--prompt is empty")
         return [args.prompt]
     return read_prompts(args.prompts)
 

@@ -2,16 +2,16 @@
 
 from __future__ import annotations
 
-import argparse
-import signal
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Protocol
 
 from tqdm import tqdm
 
-from .exporter import DTYPES, MAX_OPSET, MIN_OPSET, STAGES, ExportError, ExportRequest, run_export
+from ..contract.cli import Parser, command
+from ..contract.errors import UsageError
+from .exporter import DTYPES, MAX_OPSET, MIN_OPSET, STAGES, ExportRequest, check_request, run_export
 from .models import PRESETS
 from .validate import format_table
 
@@ -26,13 +26,8 @@ class EnginesHook(Protocol):
         """Build engines for a finished export; returns an exit code."""
 
 
-def _terminate(signum: int, frame: FrameType | None) -> None:
-    # Turn SIGTERM into an exception so the temp folder is removed on the way out.
-    raise SystemExit(128 + signum)
-
-
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> Parser:
+    p = Parser(
         prog="tgate-export",
         description="Export a Stable Diffusion pipeline as T-GATE ONNX graphs (pre-gate and post-gate "
         "UNet, text encoder, VAE decoder), validated against PyTorch.",
@@ -63,15 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def main(argv: list[str] | None = None, engines: EnginesHook | None = None) -> int:
+@command("tgate-export")
+def main(argv: Sequence[str], engines: EnginesHook | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.engines:
         problem = "--engines needs the tgate-export command (the engines stage)" if engines is None else None
         problem = problem or (engines.check() if engines else None)
         if problem:
-            print(f"tgate-export: error: {problem}", file=sys.stderr)
-            return 2
-    signal.signal(signal.SIGTERM, _terminate)
+            raise UsageError(problem)
     req = ExportRequest(
         model=args.model,
         out=args.out,
@@ -84,6 +78,7 @@ def main(argv: list[str] | None = None, engines: EnginesHook | None = None) -> i
         lcm_lora=args.lcm_lora,
         force=args.force,
     )
+    check_request(req)  # before the progress bar: a refusal is one line
     bar = tqdm(total=len(STAGES), desc="export", unit="stage", file=sys.stderr)
 
     def progress(msg: str) -> None:
@@ -93,12 +88,9 @@ def main(argv: list[str] | None = None, engines: EnginesHook | None = None) -> i
 
     try:
         manifest, checks = run_export(req, progress)
-    except ExportError as exc:
+        bar.update(bar.total - bar.n)
+    finally:
         bar.close()
-        print(f"tgate-export: error: {exc}", file=sys.stderr)
-        return 2
-    bar.update(bar.total - bar.n)
-    bar.close()
     print(format_table(checks))
     pre, post = manifest.graphs["unet_pregate"], manifest.graphs["unet_postgate"]
     print(

@@ -16,6 +16,9 @@ from typing import Any
 import torch
 
 from .. import manifest as mf
+from ..contract import limits
+from ..contract.errors import UserError
+from ..contract.files import MARKER, OutputDir
 from .families import FAMILY_DEFAULTS, detect_family, text_section
 from .graphs import (
     ExportOptions,
@@ -43,7 +46,7 @@ STAGES = (
 )
 
 
-class ExportError(RuntimeError):
+class ExportError(UserError, RuntimeError):
     """An export that can't start or didn't validate; the message says what to change."""
 
 
@@ -75,14 +78,24 @@ def check_request(req: ExportRequest) -> None:
         lora = Path(req.lcm_lora)
         if not lora.is_file() or lora.suffix != ".safetensors":
             raise ExportError(f"--lcm-lora {lora} is not a .safetensors file: pass the LoRA's weights file")
-    out = req.out
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"{out} exists and is not a folder: choose another --out")
-    if out.is_dir() and any(out.iterdir()) and not req.force:
-        raise ExportError(f"{out} is not empty: pass --force to replace it, or choose another --out")
+    if req.config is not None and not Path(req.config).is_dir():
+        raise ExportError(f"--config {req.config} is not a folder: pass a diffusers folder with configs + tokenizer")
+    output_dir(req).check()
     arch = ARCHITECTURES.get(req.model) if req.model in ARCHITECTURES else None
     if arch is not None:
         _check_size(req, _multiple(arch["unet"], arch["vae"]))
+
+
+def output_dir(req: ExportRequest) -> OutputDir:
+    """Where the export goes; the model, config and LoRA it reads are sources ``--out`` must not touch."""
+    sources: list[str | Path | None] = [req.config, req.lcm_lora]
+    if Path(req.model).expanduser().exists():
+        sources.append(Path(req.model).expanduser())
+    if req.model == "shapes":
+        from .shapes import WEIGHTS
+
+        sources.append(WEIGHTS)
+    return OutputDir(req.out, force=req.force, sources=sources)
 
 
 def _multiple(unet_cfg: dict[str, Any], vae_cfg: dict[str, Any]) -> int:
@@ -153,21 +166,33 @@ def build_manifest(
     if vae_upcast(pipe, family, opts):
         latent["vae_decoder_dtype"] = "fp32"
         latent["vae_decoder_note"] = "kept in fp32: this VAE overflows in fp16 (force_upcast)"
+    defaults = {**FAMILY_DEFAULTS[family.family], **src.defaults, "height": opts.height, "width": opts.width}
+    native = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    defaults["max_pixels"] = limits.default_max_pixels(max(native, opts.height), max(native, opts.width))
+    graphs = {k: describe(root / k, root, params[k]) for k in keys}
     return mf.Manifest(
         source=src.source,
         dtype=opts.dtype,
         opset=opts.opset,
-        graphs={k: describe(root / k, root, params[k]) for k in keys},
+        graphs=graphs,
         cache_layers=layers,
         latent=latent,
         text=text_section(pipe, family),
-        defaults={**FAMILY_DEFAULTS[family.family], **src.defaults, "height": opts.height, "width": opts.width},
+        defaults=defaults,
         scheduler="scheduler",
         tools=_tool_versions(),
         gate={"semantics": mf.gate_semantics(family), "cfg_in_graph": family.cfg},
         validation=[c.row() for c in checks],
         model=family,
+        files=other_files(root, graphs),
     )
+
+
+def other_files(root: Path, graphs: dict[str, mf.GraphSpec]) -> dict[str, str]:
+    """sha256 of every file that isn't a graph's (tokenizers, scheduler, configs): the runtime reads them too."""
+    taken = {rel for g in graphs.values() for rel in g.files} | {mf.MANIFEST_NAME, MARKER}
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
+    return {rel: mf.sha256_file(root / rel) for rel in files if rel not in taken}
 
 
 def run_export(
@@ -200,7 +225,7 @@ def run_export(
     if vae_upcast(pipe, family, opts):
         pipe.vae.to(torch.float32)
 
-    with mf.staged_dir(req.out) as tmp:
+    with output_dir(req) as tmp:
         _save_assets(pipe, tmp, family)
         stage(STAGES[1])
         params = export_standard_parts(pipe, tmp, opts, family)

@@ -17,6 +17,7 @@ import numpy as np
 import onnx
 
 from .. import manifest as mf
+from ..contract.errors import UsageError
 
 
 @dataclass
@@ -52,7 +53,7 @@ def _fix_inputs(model: onnx.ModelProto, dims: dict[str, int]) -> None:
         for d in value.type.tensor_type.shape.dim:
             if d.dim_param:
                 if d.dim_param not in dims:
-                    raise ValueError(f"no value for dimension {d.dim_param!r} of input {value.name}")
+                    raise UsageError(f"no value for dimension {d.dim_param!r} of input {value.name}")
                 d.dim_value = dims[d.dim_param]
     for value in model.graph.output:  # let inference derive outputs (some carry expressions)
         value.type.tensor_type.ClearField("shape")

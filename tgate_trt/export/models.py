@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from ..contract.errors import UserError
 from .families import CLIP_L, HUB_PRESETS, build_pipeline, load_pretrained, more_architectures
 
 PRESETS: dict[str, str | None] = {
@@ -37,7 +38,7 @@ SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "
 CHECKPOINT_SUFFIXES = (".safetensors", ".ckpt")
 
 
-class ModelLoadError(ValueError):
+class ModelLoadError(UserError, ValueError):
     """The --model argument can't be turned into a pipeline; the message says what to pass instead."""
 
 

@@ -11,17 +11,21 @@ against its fp32 source. TensorRT builds from the fp32/fp16 export, not from thi
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import logging
 import shutil
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from .. import manifest as mf
+from ..contract import limits
+from ..contract.cli import Parser, command
+from ..contract.errors import UserError
+from ..contract.files import OutputDir
 from .onnx_io import ScratchDir, describe, finalize, random_feeds, relative_error
 
 QUANTIZED_OPS = ("MatMul",)
@@ -30,26 +34,21 @@ SECTION = mf.QUANTIZATION
 DEFAULT_TOLERANCE = 0.1  # relative L2 error per output vs fp32 (CFG at guidance 7.5 amplifies it in noise_pred)
 
 
-class QuantizeError(RuntimeError):
+class QuantizeError(UserError, RuntimeError):
     """A quantization that can't start or didn't pass its check; the message says what to change."""
 
 
-def check_request(src: Path, out: Path, force: bool) -> mf.Manifest:
-    """Everything that can be refused before minutes of work: source, its dtype, the destination."""
-    try:
-        manifest = mf.Manifest.load(src, verify=True)
-    except mf.ManifestError as exc:
-        raise QuantizeError(str(exc)) from exc
+def check_request(src: Path, out: Path, force: bool, tolerance: float = DEFAULT_TOLERANCE) -> mf.Manifest:
+    """Everything that can be refused before minutes of work: numbers, the destination, then the source."""
+    limits.check_float("--tolerance", tolerance, 0.0, 1.0)
+    OutputDir(out, force=force, sources=[src]).check()
+    manifest = mf.Manifest.load(src, verify=True)
     if SECTION in manifest.extra:
         raise QuantizeError(f"{src} is already quantized ({manifest.extra[SECTION]['method']}): pass its fp32 source")
     if manifest.dtype != "fp32":
         raise QuantizeError(
             f"{src} is a {manifest.dtype} export; int8 quantization starts from fp32: re-export with --dtype fp32"
         )
-    if out.resolve() == src.resolve():
-        raise QuantizeError("--out must differ from the source export: the fp32 export stays as it is")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise QuantizeError(f"{out} exists and is not empty: pass --force to replace it")
     return manifest
 
 
@@ -101,8 +100,8 @@ def quantize_export(
     """Write the int8 copy of ``src`` to ``out`` (atomically); returns its manifest and the check's errors."""
     from tqdm import tqdm
 
-    manifest = check_request(src, out, force)
-    with mf.staged_dir(out) as tmp:
+    manifest = check_request(src, out, force, tolerance)
+    with OutputDir(out, force=force, sources=[src]) as tmp:
         skip = {mf.MANIFEST_NAME, "engines", *manifest.extra.get("engines", {})}  # builds belong to the source
         skip |= {Path(manifest.graphs[k].file).parent.name for k in UNET_GRAPHS}
         for item in src.iterdir():
@@ -113,6 +112,9 @@ def quantize_export(
         for key in tqdm(UNET_GRAPHS, desc="quantize", unit="graph"):
             spec = manifest.graphs[key]
             graphs[key] = _quantize_graph(src / spec.file, tmp / Path(spec.file).parent, tmp)
+            for rel in manifest.files:  # the UNet folders' configs, listed with the other files
+                if not (tmp / rel).exists():
+                    shutil.copy2(src / rel, tmp / rel)
             errors[key] = relative_errors(manifest, src, tmp, key)
             worst = max(errors[key].values())
             if not np.isfinite(worst) or worst > tolerance:
@@ -134,18 +136,15 @@ def quantize_export(
     return result, errors
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="tgate-quantize", description=__doc__.splitlines()[0])
+@command("tgate-quantize")
+def main(argv: Sequence[str]) -> int:
+    ap = Parser(prog="tgate-quantize", description=__doc__.splitlines()[0])
     ap.add_argument("export", type=Path, help="an fp32 tgate-export folder")
     ap.add_argument("--out", type=Path, required=True, help="folder for the int8 copy")
     ap.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     ap.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="largest relative L2 error allowed")
     args = ap.parse_args(argv)
-    try:
-        manifest, errors = quantize_export(args.export, args.out, args.force, args.tolerance)
-    except QuantizeError as exc:
-        print(f"tgate-quantize: error: {exc}", file=sys.stderr)
-        return 2
+    manifest, errors = quantize_export(args.export, args.out, args.force, args.tolerance)
     for key, errs in errors.items():
         spec = manifest.graphs[key]
         size = sum((args.out / f).stat().st_size for f in spec.files) / 2**20

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .. import manifest as mf
+from ..contract.errors import UsageError
 from ..manifest import check_gate
 from ..methods.plan import KINDS, MEAN, Step, TGateParams, family_plan
 from .families import detect_family
@@ -142,7 +143,7 @@ def plan_reference(
     """
     family = detect_family(pipe)
     if family.family != "sd" or not family.cfg:
-        raise ValueError(f"the plan reference covers SD-1.x/2.x with CFG; this pipeline is {family.family}")
+        raise UsageError(f"the plan reference covers SD-1.x/2.x with CFG; this pipeline is {family.family}")
     height = width = pipe.unet.config.sample_size * pipe.vae_scale_factor
     batch = 1 if isinstance(prompt, str) else len(prompt)
     feeds = encode_conditioning(pipe, family, prompt, negative_prompt, guidance_scale, height, width)

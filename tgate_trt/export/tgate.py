@@ -15,6 +15,7 @@ import torch
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from .. import manifest as mf
+from ..contract.errors import UsageError
 
 Mode = Literal["compute", "capture", "replay"]
 
@@ -102,7 +103,7 @@ def install_tgate(unet: Any, kind: str = "attn2") -> tuple[GateState, list[str]]
     for name in names:
         attn = modules[name]
         if attn.residual_connection or attn.rescale_output_factor != 1.0:
-            raise ValueError(f"{name}: attention with a residual inside the processor can't be gated")
+            raise UsageError(f"{name}: attention with a residual inside the processor can't be gated")
     state = GateState()
     for name in names:
         processors[f"{name}.processor"] = TGateAttnProcessor(name, state, processors[f"{name}.processor"])
@@ -118,7 +119,7 @@ def remove_tgate(unet: Any) -> None:
 def _bind(names: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> dict[str, torch.Tensor]:
     """Positional (as the ONNX exporter calls) or keyword inputs -> one dict by graph input name."""
     if len(args) > len(names):
-        raise ValueError(f"expected at most {len(names)} inputs ({', '.join(names)}), got {len(args)}")
+        raise UsageError(f"expected at most {len(names)} inputs ({', '.join(names)}), got {len(args)}")
     bound = dict(zip(names, args, strict=False))
     for key, value in kwargs.items():
         if key not in names or key in bound:
@@ -126,7 +127,7 @@ def _bind(names: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> di
         bound[key] = value
     missing = [n for n in names if n not in bound]
     if missing:
-        raise ValueError(f"missing input(s) {', '.join(missing)}")
+        raise UsageError(f"missing input(s) {', '.join(missing)}")
     return bound
 
 
@@ -228,7 +229,7 @@ class PostGateUNet(_GatedUNet):
 
     def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
         if len(args) + len(kwargs) != len(self.input_names):
-            raise ValueError(
+            raise UsageError(
                 f"expected {len(self.input_names)} inputs ({len(self.names)} cache tensors), "
                 f"got {len(args) + len(kwargs)}"
             )

@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .. import manifest as mf
+from ..contract.errors import UsageError
 
 KINDS = ("attn1", "attn2")  # self-attention, cross-attention
 FULL, MEAN = "full", "mean"  # cache layouts: the call's whole batch, or the mean of the CFG halves
@@ -35,15 +36,15 @@ class TGateParams:
         for name in ("gate_step", "sp_interval", "fi_interval", "warm_up"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool):
-                raise ValueError(f"{name} must be an integer, got {value!r}")
+                raise UsageError(f"{name} must be an integer, got {value!r}")
         if self.gate_step < 1:
-            raise ValueError(f"gate_step must be >= 1, got {self.gate_step}: use gate_step >= steps for no gate")
+            raise UsageError(f"gate_step must be >= 1, got {self.gate_step}: use gate_step >= steps for no gate")
         for name in ("sp_interval", "fi_interval"):
             if getattr(self, name) < 1:
                 value = getattr(self, name)
-                raise ValueError(f"{name} must be >= 1 (1 recomputes self-attention every step), got {value}")
+                raise UsageError(f"{name} must be >= 1 (1 recomputes self-attention every step), got {value}")
         if self.warm_up < 0:
-            raise ValueError(f"warm_up must be >= 0, got {self.warm_up}")
+            raise UsageError(f"warm_up must be >= 0, got {self.warm_up}")
 
     @classmethod
     def v1(cls, gate_step: int) -> TGateParams:
@@ -100,9 +101,9 @@ def plan(
     scheduler_order``); the difference is the loop's warm-up offset, clamped at 0 by the SDXL and PixArt
     loaders (``clamp_warmup``), not by the SD one."""
     if not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+        raise UsageError(f"steps must be an integer >= 1, got {steps!r}")
     if scheduler_order < 1:
-        raise ValueError(f"scheduler_order must be >= 1, got {scheduler_order}")
+        raise UsageError(f"scheduler_order must be >= 1, got {scheduler_order}")
     n = steps * scheduler_order if num_timesteps is None else num_timesteps
     offset = n - steps * scheduler_order
     if clamp_warmup:

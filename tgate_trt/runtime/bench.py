@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import manifest as mf
+from ..contract.errors import UsageError
 from .bench_report import STAGES, VARIANTS, markdown, plot, targets
 from .bench_torch import TORCH_VARIANTS, torch_variant
 
@@ -37,9 +38,9 @@ def parse_variants(text: str) -> list[str]:
     names = [n.strip() for n in text.split(",")] if "," in text or text in VARIANTS else list(text)
     unknown = [n for n in names if n not in VARIANTS]
     if not text.strip():
-        raise ValueError(f"--variants is empty: name some of {','.join(VARIANTS)}")
+        raise UsageError(f"--variants is empty: name some of {','.join(VARIANTS)}")
     if unknown:
-        raise ValueError(f"unknown variant {', '.join(map(repr, unknown))}: --variants takes {','.join(VARIANTS)}")
+        raise UsageError(f"unknown variant {', '.join(map(repr, unknown))}: --variants takes {','.join(VARIANTS)}")
     return names
 
 
@@ -194,7 +195,7 @@ def choose_variants(args: argparse.Namespace) -> list[str]:
                 ov_build_problem(args, kind) if kind in OV_BUILDS else None
             )
             if problem:
-                raise ValueError(problem)
+                raise UsageError(problem)
     else:
         names = ["a", "b", "b16", "c", "d", "e"]
         group = [openvino_problem("f"), ov_build_problem(args, "h")]  # (f) goes with (g) and (h)
@@ -208,9 +209,9 @@ def choose_variants(args: argparse.Namespace) -> list[str]:
         names += ["q"] if args.int8_export else []
     if "q" in names:
         if args.int8_export is None:
-            raise ValueError("variant (q) needs --int8-export DIR (made by: tgate-quantize EXPORT --out DIR)")
+            raise UsageError("variant (q) needs --int8-export DIR (made by: tgate-quantize EXPORT --out DIR)")
         if mf.QUANTIZATION not in mf.Manifest.load(args.int8_export, verify=False).extra:  # (q) verifies
-            raise ValueError(f"{args.int8_export} is not a tgate-quantize copy: make one with tgate-quantize")
+            raise UsageError(f"{args.int8_export} is not a tgate-quantize copy: make one with tgate-quantize")
     return names
 
 
@@ -260,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         if args.runs < 1:
-            raise ValueError("--runs must be >= 1")
+            raise UsageError("--runs must be >= 1")
         mf.check_gate(args.steps, args.gate)
         manifest = mf.Manifest.load(args.export)
         manifest.latent_size(args.height, args.width)

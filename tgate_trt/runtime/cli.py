@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
-from ..manifest import ManifestError
+from .. import manifest as mf
+from ..contract import limits
+from ..contract.cli import Parser, command
+from ..contract.errors import UsageError
+from ..contract.files import atomic_save, check_output_file
 from .pipeline import BACKENDS, MAX_STEPS, SCHEDULERS, TGatePipeline, format_timings
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="tgate-run", description="Run the T-GATE pipeline on an export folder.")
+def build_parser() -> Parser:
+    p = Parser(prog="tgate-run", description="Run the T-GATE pipeline on an export folder.")
     p.add_argument("export_dir", type=Path, help="folder written by tgate-export")
     p.add_argument("prompt", help="what to draw")
     p.add_argument("--negative", default=None, help="negative prompt")
@@ -23,8 +27,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--guidance", type=float, default=None, help="guidance scale (CFG weight, or LCM's embedded guidance)"
     )
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the export's)")
+    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the export's)")
+    p.add_argument(
+        "--max-pixels",
+        type=int,
+        default=None,
+        help="cap on height*width (default: the export's, 4x its native size; a memory budget)",
+    )
     p.add_argument("--batch", type=int, default=1, help="images per prompt")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--scheduler", default=None, choices=SCHEDULERS, help="default: the export's own (else ddim)")
@@ -49,42 +59,42 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def _fail(msg: str) -> int:
-    print(f"tgate-run: error: {msg}", file=sys.stderr)
-    return 2
-
-
-def main(argv: list[str] | None = None) -> int:
+@command("tgate-run")
+def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
-    if args.batch < 1:
-        return _fail(f"--batch must be >= 1, got {args.batch}")
-    if args.threads < 0:
-        return _fail(f"--threads must be >= 0 (0: the backend's choice), got {args.threads}")
+    # cheap checks first (milliseconds), then the manifest's schema, then hashes and loading
+    limits.check_batch(args.batch)
+    limits.check_seed(args.seed)
+    limits.check_int("--threads", args.threads, 0, None, " (0: the backend's choice)")
     if args.engines is not None and args.backend != "openvino":
-        return _fail("--engines names an OpenVINO build: use it with --backend openvino")
-    if args.out.suffix.lower() != ".png":
-        return _fail(f"--out must be a .png path, got {args.out}")
-    if not args.out.parent.exists():
-        return _fail(f"the folder of --out ({args.out.parent}) does not exist")
-    if args.save_latents is not None and (
-        args.save_latents.suffix != ".npy" or not args.save_latents.parent.is_dir()
-    ):
-        return _fail(f"--save-latents must be a .npy path in an existing folder, got {args.save_latents}")
-    try:
-        pipe = TGatePipeline.from_export(
-            args.export_dir, backend=args.backend, threads=args.threads, engines=args.engines
+        raise UsageError("--engines names an OpenVINO build: use it with --backend openvino")
+    if args.max_pixels is not None:
+        limits.check_int("--max-pixels", args.max_pixels, 1)
+    check_output_file(args.out, (".png",))
+    if args.save_latents is not None:
+        check_output_file(args.save_latents, (".npy",), "--save-latents")
+    manifest = mf.Manifest.load(args.export_dir, verify=False)
+    defaults = manifest.defaults
+    args.steps = defaults["steps"] if args.steps is None else args.steps
+    args.gate = defaults["gate_step"] if args.gate is None else args.gate
+    args.guidance = defaults["guidance_scale"] if args.guidance is None else args.guidance
+    h = defaults["height"] if args.height is None else args.height
+    w = defaults["width"] if args.width is None else args.width
+    mf.check_gate(args.steps, args.gate)
+    limits.check_guidance(args.guidance)
+    manifest.latent_size(h, w, args.max_pixels)
+    pipe = TGatePipeline.from_export(
+        args.export_dir, backend=args.backend, threads=args.threads, engines=args.engines, max_pixels=args.max_pixels
+    )
+    prompts = [args.prompt] * args.batch
+    negatives = None if args.negative is None else [args.negative] * args.batch
+    pipe.check(prompts, negatives, args.steps, args.gate, args.guidance, h, w)
+    for tokens in pipe.truncated(prompts[:1]).values():
+        print(
+            f"tgate-run: warning: the prompt has {tokens} tokens; the text encoder reads the first "
+            f"{pipe.conditioner.window}, the rest is ignored",
+            file=sys.stderr,
         )
-        prompts = [args.prompt] * args.batch
-        defaults = pipe.manifest.defaults
-        h = args.height or defaults["height"]
-        w = args.width or defaults["width"]
-        args.steps = defaults["steps"] if args.steps is None else args.steps
-        args.gate = defaults["gate_step"] if args.gate is None else args.gate
-        args.guidance = defaults["guidance_scale"] if args.guidance is None else args.guidance
-        negatives = None if args.negative is None else [args.negative] * args.batch
-        pipe.check(prompts, negatives, args.steps, args.gate, args.guidance, h, w)
-    except (ManifestError, ValueError, RuntimeError) as exc:
-        return _fail(str(exc))
     with tqdm(total=args.steps, desc="denoise", unit="step", file=sys.stderr) as bar:
         result = pipe(
             prompts,
@@ -104,13 +114,9 @@ def main(argv: list[str] | None = None) -> int:
         else [args.out.with_name(f"{args.out.stem}_{i}{args.out.suffix}") for i in range(len(result.images))]
     )
     for image, path in zip(result.images, paths, strict=True):
-        tmp = path.with_name(f".{path.name}.tmp")
-        image.save(tmp, format="PNG")
-        tmp.replace(path)
+        atomic_save(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
     if args.save_latents is not None:
-        tmp = args.save_latents.with_name(f".{args.save_latents.name}.tmp.npy")
-        np.save(tmp, result.latents.astype(np.float32))
-        tmp.replace(args.save_latents)
+        atomic_save(args.save_latents, lambda tmp: np.save(tmp, result.latents.astype(np.float32)))
         paths.append(args.save_latents)
     gate = f"gate {args.gate}" if args.gate < args.steps else "no gate"
     print(f"{args.steps} steps, {gate}, seed {args.seed}, {w}x{h} -> {', '.join(map(str, paths))}")

@@ -42,6 +42,16 @@ class TextConditioner:
             tok = tokenizer if i == 0 else CLIPTokenizer.from_pretrained(str(root / enc["tokenizer"]))
             self.encoders.append((enc, tok))
 
+    @property
+    def window(self) -> int:
+        """Prompt tokens the text encoder reads (its context less the start and end tokens)."""
+        return int(self.manifest.text["max_length"]) - 2
+
+    def token_counts(self, texts: list[str]) -> list[int]:
+        """Tokens of each text without start/end tokens: 0 means nothing the model can read."""
+        tokenizer = self.encoders[0][1]
+        return [len(tokenizer(t, add_special_tokens=False, truncation=False).input_ids) for t in texts]
+
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
         """Text states (every encoder's chosen output, concatenated) and the pooled embedding, if any."""
         hidden, pooled = [], None

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import manifest as mf
+from ..contract.errors import UsageError
 from ..engines.openvino import compile_config
 from .optimum_baseline import SOURCE_NAME, OptimumBaselineError, check_export, generate, stage_timer
 
@@ -101,7 +102,7 @@ def load_pipeline(
     from .pipeline import default_scheduler, make_scheduler
 
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
+        raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
     if not (folder / SOURCE_NAME).is_file():
         raise OptimumBaselineError(f"{folder} is not a pipeline folder made by export_pipeline")
     manifest = mf.Manifest.load(export, verify=False)  # only the scheduler config and defaults are read

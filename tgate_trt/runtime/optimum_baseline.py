@@ -18,11 +18,12 @@ from pathlib import Path
 from typing import Any
 
 from .. import manifest as mf
+from ..contract.errors import UserError
 
 SOURCE_NAME = "source.json"  # what the plain UNet was exported from, so a reused folder can be checked
 
 
-class OptimumBaselineError(RuntimeError):
+class OptimumBaselineError(UserError, RuntimeError):
     """The baseline can't run on this export; the message says why and what would make it run."""
 
 

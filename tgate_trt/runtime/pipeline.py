@@ -17,6 +17,8 @@ import numpy as np
 import torch
 
 from .. import manifest as mf
+from ..contract import limits
+from ..contract.errors import UsageError
 from ..methods.plan import TGateParams, family_plan
 from .conditioning import TextConditioner
 from .engine import Engine, OrtEngine
@@ -45,7 +47,7 @@ def make_scheduler(name: str, config: dict[str, Any]) -> Any:
         return EulerDiscreteScheduler.from_config(config)
     if name == "dpm++":
         return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
-    raise ValueError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {name!r}")
+    raise UsageError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {name!r}")
 
 
 @dataclass
@@ -54,6 +56,7 @@ class Result:
     latents: np.ndarray  # final latents (before VAE scaling), float32
     timings: dict[str, float]  # seconds per stage
     calls: dict[str, int] = field(default_factory=dict)  # engine invocations this run
+    truncated: dict[int, int] = field(default_factory=dict)  # prompt index -> its tokens, where past the window
 
 
 def default_scheduler(config: dict[str, Any]) -> str:
@@ -69,17 +72,28 @@ def _step_kwargs(sched: Any, generator: torch.Generator) -> dict[str, Any]:
 
 
 def _as_list(prompt: str | list[str], what: str) -> list[str]:
+    if not isinstance(prompt, (str, list, tuple)):
+        raise UsageError(f"{what} must be a string or a non-empty list of strings, got {type(prompt).__name__}")
     prompts = [prompt] if isinstance(prompt, str) else list(prompt)
     if not prompts or any(not isinstance(p, str) for p in prompts):
-        raise ValueError(f"{what} must be a string or a non-empty list of strings")
+        raise UsageError(f"{what} must be a string or a non-empty list of strings")
     return prompts
 
 
 class TGatePipeline:
-    def __init__(self, root: Path, manifest: mf.Manifest, engines: dict[str, Engine], tokenizer: Any) -> None:
+    def __init__(
+        self,
+        root: Path,
+        manifest: mf.Manifest,
+        engines: dict[str, Engine],
+        tokenizer: Any,
+        max_pixels: int | None = None,
+    ) -> None:
         from diffusers import DDIMScheduler
 
         self.root, self.manifest, self.engines, self.tokenizer = root, manifest, engines, tokenizer
+        # the pixel cap per image (a memory budget): the export's unless raised or lowered here
+        self.max_pixels = manifest.max_pixels if max_pixels is None else limits.check_int("max_pixels", max_pixels, 1)
         self.scheduler_config = DDIMScheduler.load_config(str(root / manifest.scheduler))  # read once
         self.conditioner = TextConditioner(root, manifest, engines, tokenizer)
 
@@ -94,20 +108,26 @@ class TGatePipeline:
         device: str | None = None,
         cache_dir: str | Path | None = None,
         static_shapes: bool = True,
+        max_pixels: int | None = None,
     ) -> TGatePipeline:
         """Load an export folder; every file is checked against its sha256 first.
 
         OpenVINO: ``engines`` names the build folder inside the export (default ``openvino``), ``device``
         must be the one it was built for (default: that one), ``cache_dir`` keeps compiled models
         (default ``~/.cache/tgate-trt/openvino``; ``""`` disables), ``static_shapes`` compiles each graph for
-        the shapes it is called with (faster per call; False keeps the graphs dynamic)."""
+        the shapes it is called with (faster per call; False keeps the graphs dynamic). ``max_pixels``
+        overrides the export's cap on pixels per image."""
         from transformers import CLIPTokenizer
 
         if backend not in BACKENDS:
-            raise ValueError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+            raise UsageError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+        limits.check_int("threads", threads, 0)
+        if max_pixels is not None:
+            limits.check_int("max_pixels", max_pixels, 1)
         root = Path(root)
+        manifest = mf.Manifest.load(root, verify=False)  # schema first, hashes next, loading last
         # OpenVINO reads its IR (checked by its loader), not the ONNX graphs
-        manifest = mf.Manifest.load(root, verify=backend != "openvino")
+        manifest.verify(root, graphs=() if backend == "openvino" else None)
         loaded: dict[str, Engine]
         if backend == "trt":
             from .trt_engine import load_engines  # TensorRT and CUDA are imported only here
@@ -124,7 +144,7 @@ class TGatePipeline:
                 for key, spec in manifest.graphs.items()
             }
         tokenizer = CLIPTokenizer.from_pretrained(str(root / manifest.text["tokenizer"]))
-        return cls(root, manifest, loaded, tokenizer)
+        return cls(root, manifest, loaded, tokenizer, max_pixels)
 
     # --- checks, before any heavy work -----------------------------------------------------------
     def check(
@@ -137,20 +157,32 @@ class TGatePipeline:
         height: int,
         width: int,
     ) -> tuple[int, int]:
+        """Every argument in range, before any graph runs; returns the latent size."""
+        limits.check_batch(len(prompts))
         if any(not p.strip() for p in prompts):
-            raise ValueError("prompt is empty: pass a text describing the image")
+            raise UsageError("prompt is empty: pass a text describing the image")
+        if 0 in self.conditioner.token_counts(prompts):
+            raise UsageError(
+                "prompt has no tokens the model can read (only characters its tokenizer drops): "
+                "pass a text describing the image"
+            )
         family = self.manifest.model
         if negatives is not None and not family.cfg:
-            raise ValueError(
+            raise UsageError(
                 f"this export is guidance-free ({family.family}: no CFG), so a negative_prompt has no effect"
             )
         if negatives is not None and len(negatives) != len(prompts):
-            raise ValueError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
+            raise UsageError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
         mf.check_gate(steps, gate_step)
-        if not np.isfinite(guidance):
-            raise ValueError(f"guidance_scale must be a finite number, got {guidance!r}")
+        limits.check_guidance(guidance)
+        size = self.manifest.latent_size(height, width, self.max_pixels)
         self._check_static(len(prompts), height, width)
-        return self.manifest.latent_size(height, width)
+        return size
+
+    def truncated(self, prompts: list[str]) -> dict[int, int]:
+        """Prompts longer than the text encoder reads: index -> token count (the rest is ignored)."""
+        window = self.conditioner.window
+        return {i: n for i, n in enumerate(self.conditioner.token_counts(prompts)) if n > window}
 
     def _check_static(self, batch: int, height: int, width: int) -> None:
         """Graphs with fixed dimensions (engines built for one shape) say which shape they take."""
@@ -158,9 +190,9 @@ class TGatePipeline:
         factor = self.manifest.latent["vae_scale_factor"]
         fixed_b, fixed_h, fixed_w = spec.shape[0], spec.shape[2], spec.shape[3]
         if isinstance(fixed_b, int) and fixed_b != batch:
-            raise ValueError(f"these graphs take batch {fixed_b}, got {batch} prompts")
+            raise UsageError(f"these graphs take batch {fixed_b}, got {batch} prompts")
         if isinstance(fixed_h, int) and (fixed_h * factor, fixed_w * factor) != (height, width):
-            raise ValueError(
+            raise UsageError(
                 f"these graphs take {fixed_h * factor}x{fixed_w * factor} images, got {height}x{width}"
             )
 
@@ -195,12 +227,15 @@ class TGatePipeline:
         negatives = None if negative_prompt is None else _as_list(negative_prompt, "negative_prompt")
         if negatives is not None and len(negatives) == 1 and len(prompts) > 1:
             negatives = negatives * len(prompts)
-        height = height or defaults["height"]
-        width = width or defaults["width"]
+        height = defaults["height"] if height is None else height
+        width = defaults["width"] if width is None else width
         h, w = self.check(prompts, negatives, num_inference_steps, gate_step, guidance_scale, height, width)
+        if scheduler is not None and scheduler not in SCHEDULERS:
+            raise UsageError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
+        seed = limits.check_seed(0 if seed is None else seed)
         sched = make_scheduler(scheduler or default_scheduler(self.scheduler_config), self.scheduler_config)
         if generator is None:
-            generator = torch.Generator().manual_seed(seed if seed is not None else 0)
+            generator = torch.Generator().manual_seed(seed)
         counts = {k: e.calls for k, e in self.engines.items()}
         timings: dict[str, float] = {}
         start = time.perf_counter()
@@ -249,7 +284,7 @@ class TGatePipeline:
         timings["vae_decoder"] = time.perf_counter() - vae_start
         timings["total"] = time.perf_counter() - start
         calls = {k: e.calls - counts[k] for k, e in self.engines.items()}
-        return Result(images, latents.numpy(), timings, calls)
+        return Result(images, latents.numpy(), timings, calls, self.truncated(prompts))
 
 
 def to_pil(image: np.ndarray) -> list[Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
+from ..contract.errors import UsageError
 from .contract import INPUTS, OUTPUTS, TensorDecl
 
 KINDS = {"cpu": "KIND_CPU", "gpu": "KIND_GPU"}
@@ -37,11 +38,11 @@ def render_config(
 ) -> str:
     """The model configuration: one request is one image, so no batching dimension (max_batch_size 0)."""
     if form not in FORMS:
-        raise ValueError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
+        raise UsageError(f"form must be one of {', '.join(FORMS)}, got {form!r}")
     if kind not in KINDS:
-        raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
+        raise UsageError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     if instances < 1:
-        raise ValueError(f"instances must be >= 1, got {instances}")
+        raise UsageError(f"instances must be >= 1, got {instances}")
     backend = "python" if form == "model" else BACKEND_NAME
     lines = [
         f"name: {quote(name)}",

@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from .. import manifest as mf
+from ..contract.errors import UsageError
 
 
 @dataclass(frozen=True)
@@ -45,7 +46,7 @@ DEFAULT_MAX_STEPS = 50
 SEED_LIMIT = 2**63
 
 
-class RequestError(ValueError):
+class RequestError(UsageError):
     """A request the model refuses; the message goes back to the client as-is."""
 
 
@@ -64,12 +65,12 @@ class Settings:
     def check(self) -> None:
         """Refuse settings no request could be served with, before anything is written or loaded."""
         if not isinstance(self.max_steps, int) or not 1 <= self.max_steps <= mf.MAX_STEPS:
-            raise ValueError(f"max_steps must be in 1..{mf.MAX_STEPS}, got {self.max_steps!r}")
+            raise UsageError(f"max_steps must be in 1..{mf.MAX_STEPS}, got {self.max_steps!r}")
         if not 1 <= self.steps <= self.max_steps:
-            raise ValueError(f"default steps must be in 1..max_steps ({self.max_steps}), got {self.steps}")
+            raise UsageError(f"default steps must be in 1..max_steps ({self.max_steps}), got {self.steps}")
         mf.check_gate(self.steps, self.gate_step)
         if not math.isfinite(self.guidance_scale):
-            raise ValueError(f"default guidance_scale must be finite, got {self.guidance_scale!r}")
+            raise UsageError(f"default guidance_scale must be finite, got {self.guidance_scale!r}")
 
     def to_parameters(self) -> dict[str, str]:
         return {
@@ -96,7 +97,7 @@ class Settings:
             )
         except KeyError as exc:
             missing = exc.args[0]
-            raise ValueError(f"config.pbtxt lacks the parameter {missing!r}: regenerate it with tgate-triton") from exc
+            raise UsageError(f"config.pbtxt lacks the parameter {missing!r}: regenerate it with tgate-triton") from exc
         settings.check()
         return settings
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import manifest as mf
+from ..contract.errors import UserError
 from .config import BACKEND_NAME, FORMS, KINDS, render_config
 from .contract import DEFAULT_MAX_STEPS, Settings
 
@@ -31,7 +32,7 @@ ARTIFACTS = "artifacts"
 BACKENDS = ("ort", "openvino", "trt")
 
 
-class RepositoryError(RuntimeError):
+class RepositoryError(UserError, RuntimeError):
     """The repository can't be written as asked; the message says why and what to do."""
 
 

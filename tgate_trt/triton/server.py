@@ -26,12 +26,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
 
+from ..contract.errors import UserError
 from .repository import install_backend
 
 INSTALL_HINT = "install the Triton extra: pip install 'tgate-trt[triton]' (nvidia-pytriton and tritonclient)"
 
 
-class TritonUnavailable(RuntimeError):
+class TritonUnavailable(UserError, RuntimeError):
     """No usable tritonserver in this environment."""
 
 

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from ...contract.errors import UserError
 from ...manifest import sha256_file
 
 WEIGHTS = Path(__file__).parent / "weights"
@@ -19,7 +20,7 @@ WEIGHTS_RECORD = "weights.json"  # sha256 of every file, the command that traine
 DEFAULTS = {"guidance_scale": 4.0}
 
 
-class ShapesWeightsError(ValueError):
+class ShapesWeightsError(UserError, ValueError):
     """The shipped weights are missing or differ from their recorded hashes."""
 
 

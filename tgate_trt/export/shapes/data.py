@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ...contract.errors import UsageError
+
 SIZE = 64
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (215, 40, 40),
@@ -87,7 +89,7 @@ def shape_mask(shape: str, cx: float, cy: float, half: float, size: int = SIZE, 
     elif shape == "triangle":  # apex up, base at the bottom of the box: fills half of its box
         inside = (dy <= half) & (dy >= -half) & (np.abs(dx) <= (dy + half) / 2)
     else:
-        raise ValueError(f"unknown shape {shape!r}; one of {', '.join(SHAPES)}")
+        raise UsageError(f"unknown shape {shape!r}; one of {', '.join(SHAPES)}")
     return inside.reshape(size, supersample, size, supersample).mean(axis=(1, 3))
 
 

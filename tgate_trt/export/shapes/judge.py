@@ -13,6 +13,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ...contract.errors import UsageError
 from .data import COLORS, POSITIONS, Spec
 
 FOREGROUND_DISTANCE = 60.0  # RGB distance from the background that counts as object
@@ -42,7 +43,7 @@ def judge(image: np.ndarray) -> Verdict:
     """Judge one HxWx3 uint8 image."""
     img = np.asarray(image, dtype=np.float32)
     if img.ndim != 3 or img.shape[2] != 3:
-        raise ValueError(f"expected an HxWx3 RGB image, got shape {img.shape}")
+        raise UsageError(f"expected an HxWx3 RGB image, got shape {img.shape}")
     h, w, _ = img.shape
     border = np.concatenate([img[0], img[-1], img[:, 0], img[:, -1]])
     background = np.median(border, axis=0)

@@ -1,0 +1,74 @@
+"""CLI plumbing shared by every command: one-line errors, ``--debug``, signals that clean up.
+
+A user error (:class:`UserError`, or a bad argument) prints one line, ``prog: error: ...``, on stderr
+and exits 2; ``--debug`` adds the traceback. Anything else is a bug and raises as usual. SIGTERM and
+SIGHUP raise ``SystemExit`` so temp files and folders are removed on the way out, as on Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import signal
+import sys
+import threading
+import traceback
+from collections.abc import Callable, Sequence
+from types import FrameType
+from typing import Any, NoReturn
+
+from .errors import UserError, one_line
+
+Main = Callable[..., int]
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse with a one-line error and ``--debug``; defaults shown in every option's help."""
+
+    def __init__(self, *args: object, **kwargs: object) -> None:
+        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+        self.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+
+    def error(self, message: str) -> NoReturn:
+        print(f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)", file=sys.stderr)
+        sys.exit(2)
+
+
+def _terminate(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(128 + signum)
+
+
+def handle_signals() -> None:
+    """SIGTERM and SIGHUP unwind like Ctrl-C, so staged outputs and locks are cleaned up."""
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, _terminate)
+
+
+def fail(prog: str, message: object) -> int:
+    print(f"{prog}: error: {one_line(message)}", file=sys.stderr)
+    return 2
+
+
+def command(prog: str) -> Callable[[Main], Callable[..., int]]:
+    """Wrap a ``main(argv) -> int``: user errors become one line and exit 2, bugs keep their traceback."""
+
+    def wrap(main: Main) -> Callable[..., int]:
+        @functools.wraps(main)
+        def run(argv: Sequence[str] | None = None, **kwargs: Any) -> int:
+            args = list(sys.argv[1:] if argv is None else argv)
+            handle_signals()
+            try:
+                return main(args, **kwargs)
+            except UserError as exc:
+                if "--debug" in args:
+                    traceback.print_exc()
+                return fail(prog, exc)
+            except KeyboardInterrupt:
+                print(f"{prog}: interrupted", file=sys.stderr)
+                return 130
+
+        return run
+
+    return wrap

@@ -1,0 +1,250 @@
+"""Safe output: nothing half-written, one writer per output, ``--force`` replaces only our own folders.
+
+Files are written to a temp name beside the destination and renamed (readers never see half a file).
+Folders are built in a temp folder beside the destination and swapped in only when complete, under an
+advisory lock so two writers to one ``--out`` can't both "succeed"; temp folders of killed runs are
+removed by the next run that takes the lock. A folder we publish carries a marker file, and
+``--force`` refuses to replace a folder without it (or our manifest), and anything that is, contains
+or lies inside a source the command reads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from .errors import OutputError
+
+MARKER = ".tgate-trt"  # in every folder we publish: what --force may replace
+MANIFEST_NAME = "manifest.json"
+
+
+# --- files ---------------------------------------------------------------------------------------
+def atomic_save(path: str | os.PathLike[str], write: Callable[[Path], Any]) -> Path:
+    """Call ``write(tmp)`` on a temp file beside ``path`` (same suffix), then rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        write(tmp)
+        os.chmod(tmp, 0o644)  # mkstemp's 0600 would make the file private
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    return atomic_save(path, lambda tmp: tmp.write_text(text))
+
+
+def atomic_write_json(path: str | os.PathLike[str], data: Any, indent: int | None = 2) -> Path:
+    """JSON that is valid JSON: NaN or infinity is a bug upstream, refused here instead of written."""
+    return atomic_write_text(path, json.dumps(data, indent=indent, allow_nan=False) + "\n")
+
+
+def check_output_file(path: str | os.PathLike[str], suffixes: Iterable[str] = (), option: str = "--out") -> Path:
+    """A file the command will write: right suffix, not a folder, in an existing writable folder."""
+    path = Path(path)
+    allowed = tuple(suffixes)
+    if allowed and path.suffix.lower() not in allowed:
+        raise OutputError(f"{option} must be a {' or '.join(allowed)} path, got {path}")
+    if path.is_dir():
+        raise OutputError(
+            f"{option} {path} is a folder: name a file inside it, e.g. {path / ('out' + (allowed or ('',))[0])}"
+        )
+    _check_parent(path, option, create=False)
+    if path.exists() and not os.access(path, os.W_OK):
+        raise OutputError(f"{option} {path} exists and is read-only: choose another path")
+    return path
+
+
+def _check_parent(path: Path, option: str, create: bool) -> None:
+    """The folder ``path`` goes into exists (or, with ``create``, can be made) and is writable."""
+    parent = Path(os.path.abspath(path)).parent
+    ancestor = parent
+    while not ancestor.exists():
+        if not create:
+            raise OutputError(f"the folder of {option} ({parent}) does not exist: create it first")
+        ancestor = ancestor.parent
+    if not ancestor.is_dir():
+        raise OutputError(f"{option} {path} lies under {ancestor}, which is a file, not a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise OutputError(f"{option}: {ancestor} is not writable; choose another location")
+
+
+# --- folders -------------------------------------------------------------------------------------
+def is_ours(folder: Path) -> bool:
+    """A folder a previous run of ours published (marker, or an export's manifest)."""
+    if (folder / MARKER).is_file():
+        return True
+    try:
+        data = json.loads((folder / MANIFEST_NAME).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "format_version" in data and "graphs" in data
+
+
+def _overlaps(a: Path, b: Path) -> bool:
+    return a == b or a in b.parents or b in a.parents
+
+
+class OutputDir:
+    """``with OutputDir(out, force=..., sources=[...]) as tmp:`` build in ``tmp``; it becomes ``out`` at the end.
+
+    Call :meth:`check` first, before any expensive work: it raises :class:`OutputError` for an output
+    that exists without ``force``, isn't ours, overlaps a source, contains the working folder, or lies
+    in an unwritable place. A symlinked ``out`` is published into its target (the link stays).
+    """
+
+    def __init__(
+        self,
+        out: str | os.PathLike[str],
+        force: bool = False,
+        sources: Iterable[str | os.PathLike[str] | None] = (),
+        option: str = "--out",
+    ) -> None:
+        self.given = Path(out)
+        self.out = Path(os.path.abspath(Path(out).expanduser()))
+        if self.out.is_symlink():
+            self.out = self.out.resolve()
+        self.force, self.option = force, option
+        self.sources = [Path(s).resolve() for s in sources if s is not None]
+        self._lock: int | None = None
+        self._tmp: Path | None = None
+
+    @property
+    def lock_path(self) -> Path:
+        return self.out.parent / f".{self.out.name}.lock"
+
+    def check(self) -> None:
+        out, opt = self.out, self.option
+        real = out.resolve()
+        cwd = Path.cwd().resolve()
+        if real == cwd or real in cwd.parents:
+            raise OutputError(
+                f"{opt} {self.given} is or contains the current folder: choose a new folder for the output"
+            )
+        for src in self.sources:
+            if _overlaps(real, src):
+                raise OutputError(
+                    f"{opt} {self.given} is, contains or lies inside {src}, which this command reads: "
+                    "choose an output folder outside it"
+                )
+        _check_parent(out, opt, create=True)
+        if out.exists() and not out.is_dir():
+            raise OutputError(f"{opt} {self.given} exists and is not a folder: choose another {opt}")
+        if out.is_dir() and any(out.iterdir()):
+            if not self.force:
+                raise OutputError(
+                    f"{opt} {self.given} is not empty: pass --force to replace it, or choose another {opt}"
+                )
+            if not is_ours(out):
+                raise OutputError(
+                    f"{opt} {self.given} is not an output of tgate-trt (no {MARKER} or {MANIFEST_NAME}): "
+                    "--force only replaces previous outputs; choose another folder"
+                )
+            if not os.access(out, os.W_OK | os.X_OK):
+                raise OutputError(f"{opt} {self.given} is read-only: it can't be replaced")
+
+    # --- the lock and the swap -----------------------------------------------------------------
+    def _acquire(self) -> None:
+        path = self.lock_path
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as exc:
+                owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                    raise
+                raise OutputError(
+                    f"another process (pid {owner}) is writing {self.given}: wait for it to finish, "
+                    f"or choose another {self.option}"
+                ) from None
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if same:  # not a lock file its previous owner unlinked while we waited
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                self._lock = fd
+                return
+            os.close(fd)
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self.lock_path.unlink(missing_ok=True)
+            os.close(self._lock)
+            self._lock = None
+
+    def _remove_stale(self) -> None:
+        """Temp folders of killed runs (only the lock holder makes them, so none is live now)."""
+        for pattern in (f".{self.out.name}.tmp-*", f".{self.out.name}.old-*"):
+            for stale in self.out.parent.glob(pattern):
+                shutil.rmtree(stale, ignore_errors=True)
+                print(f"removed {stale}, left by an interrupted run", file=sys.stderr)
+
+    def __enter__(self) -> Path:
+        self.check()
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self._acquire()
+        try:
+            self.check()  # again under the lock: another writer may have published meanwhile
+            self._remove_stale()
+            self._tmp = Path(tempfile.mkdtemp(prefix=f".{self.out.name}.tmp-", dir=self.out.parent))
+            self._tmp.chmod(0o755)  # mkdtemp's 0700 would make the published folder private
+            (self._tmp / MARKER).write_text(json.dumps({"tool": "tgate-trt"}) + "\n")
+        except BaseException:
+            self._release()
+            raise
+        return self._tmp
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        tmp, out = self._tmp, self.out
+        assert tmp is not None
+        try:
+            if kind is not None:
+                shutil.rmtree(tmp, ignore_errors=True)
+                return
+            old = None
+            if out.exists():
+                old = out.with_name(f".{out.name}.old-{tmp.name[-8:]}")
+                out.rename(old)
+            try:
+                tmp.rename(out)
+            except BaseException:
+                if old is not None:
+                    old.rename(out)
+                raise
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        finally:
+            self._release()
+
+
+@contextlib.contextmanager
+def staged_dir(
+    out: str | os.PathLike[str], force: bool = True, sources: Iterable[str | os.PathLike[str] | None] = ()
+) -> Iterator[Path]:
+    """Shorthand for ``with OutputDir(out, force, sources) as tmp``."""
+    with OutputDir(out, force=force, sources=sources) as tmp:
+        yield tmp
