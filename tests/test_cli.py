@@ -89,6 +89,13 @@ def test_cli_export_and_force_replace(tmp_path: Path) -> None:
     out = tmp_path / "tiny"
     out.mkdir()
     (out / "old.txt").write_text("old")
+    refused = subprocess.run(_cli("--model", "tiny", "--out", str(out), "--force"), capture_output=True, text=True)
+    assert refused.returncode == 2 and "not an output of tgate-trt" in refused.stderr  # not ours: kept
+    assert [p.name for p in out.iterdir()] == ["old.txt"]
+    (out / "old.txt").unlink()
+    first = subprocess.run(_cli("--model", "tiny", "--out", str(out)), capture_output=True, text=True)
+    assert first.returncode == 0, first.stderr
+    (out / "old.txt").write_text("old")  # a stray file in our previous output
     proc = subprocess.run(
         _cli("--model", "tiny", "--out", str(out), "--force"), capture_output=True, text=True
     )

@@ -100,7 +100,7 @@ def test_profiles_match_what_ort_runs(manifest: mf.Manifest, tiny_export: Path) 
     ("kwargs", "match"),
     [
         ({"height": 60}, "multiples of 16"),
-        ({"width": 0}, "multiples of 16"),
+        ({"width": 0}, "width must be an integer >= 1"),
         ({"batch": 0}, "batch must be an integer >= 1"),
         ({"ranges": {"height": (40, 128)}}, "multiples of 16"),
         ({"ranges": {"batch": (2, 4)}}, "outside its dynamic range"),

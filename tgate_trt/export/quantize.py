@@ -112,9 +112,6 @@ def quantize_export(
         for key in tqdm(UNET_GRAPHS, desc="quantize", unit="graph"):
             spec = manifest.graphs[key]
             graphs[key] = _quantize_graph(src / spec.file, tmp / Path(spec.file).parent, tmp)
-            for rel in manifest.files:  # the UNet folders' configs, listed with the other files
-                if not (tmp / rel).exists():
-                    shutil.copy2(src / rel, tmp / rel)
             errors[key] = relative_errors(manifest, src, tmp, key)
             worst = max(errors[key].values())
             if not np.isfinite(worst) or worst > tolerance:
@@ -122,6 +119,9 @@ def quantize_export(
                     f"{key}: int8 output differs from fp32 by {worst:.3g} (relative L2) > {tolerance}: this model "
                     "does not tolerate int8 MatMuls; keep the fp32 export (or pass a larger --tolerance)"
                 )
+        for rel in manifest.files:  # the UNet folders' configs, listed with the other files
+            if not (tmp / rel).exists():
+                shutil.copy2(src / rel, tmp / rel)
         section: dict[str, Any] = {
             "method": "dynamic int8 (onnxruntime.quantization.quantize_dynamic)",
             "ops": list(QUANTIZED_OPS),
