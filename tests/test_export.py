@@ -84,7 +84,14 @@ def test_manifest_records_the_contract(tiny_export: Path) -> None:
     assert pre.input(mf.SAMPLE).shape == [mf.BATCH, 4, mf.LATENT_H, mf.LATENT_W]
     assert pre.output("cache_01").shape == [mf.BATCH, mf.hw_dim(2), 64]
     assert m.graphs[mf.POSTGATE].input("cache_00").dtype == "float32"
-    assert m.defaults == {"steps": 25, "gate_step": 10, "guidance_scale": 7.5, "height": 64, "width": 64, "max_pixels": 4 * 64 * 64}
+    assert m.defaults == {
+        "steps": 25,
+        "gate_step": 10,
+        "guidance_scale": 7.5,
+        "height": 64,
+        "width": 64,
+        "max_pixels": 4 * 64 * 64,
+    }
     assert m.gate["cfg_in_graph"] is True and "gate_step" in m.gate["semantics"]
     assert {"torch", "onnx", "onnxruntime", "diffusers"} <= set(m.tools)
     assert all(row["passed"] for row in m.validation) and len(m.validation) == 7

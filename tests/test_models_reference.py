@@ -4,6 +4,9 @@
 
 from __future__ import annotations
 
+import json
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -133,21 +136,9 @@ def test_family_detection_and_graph_inputs() -> None:
         mf.ModelFamily("lcm", cfg=True, guidance_embedding=32)
 
 
-def test_old_manifests_read_as_sd() -> None:
-    """Exports written before families existed have no ``model`` section: they are SD with CFG."""
-    data = {
-        "format_version": mf.FORMAT_VERSION,
-        "source": {},
-        "dtype": "fp32",
-        "opset": 18,
-        "graphs": {},
-        "cache_layers": [],
-        "latent": {},
-        "text": {"tokenizer": "tokenizer", "max_length": 77, "hidden_size": 32},
-        "defaults": {},
-        "scheduler": "scheduler",
-        "tools": {},
-    }
-    m = mf.Manifest.from_dict(data)
-    assert m.model == mf.ModelFamily() and m.model.cfg and m.encoder_batch(2) == 4
-    assert m.text_encoders == [{"graph": mf.TEXT_ENCODER, "tokenizer": "tokenizer", "output": "last_hidden_state"}]
+def test_older_manifests_are_refused_with_a_remedy(tiny_export: Path) -> None:
+    """Format 1 exports (no sha256 of tokenizer/scheduler, no pixel cap) are refused: re-export them."""
+    data = json.loads((tiny_export / mf.MANIFEST_NAME).read_text())
+    assert mf.Manifest.from_dict(data).model == mf.ModelFamily() and mf.Manifest.from_dict(data).encoder_batch(2) == 4
+    with pytest.raises(mf.ManifestError, match="format_version 1 is not 2: re-export"):
+        mf.Manifest.from_dict({**data, "format_version": 1})
