@@ -16,4 +16,4 @@ printf '[mypy]\nignore_missing_imports = True\n[mypy-tensorrt,tensorrt.*,tensorr
     > "$T/mypy.ini"
 MYPYPATH=$T mypy --config-file "$T/mypy.ini" --disallow-untyped-defs --disallow-incomplete-defs \
     --check-untyped-defs --warn-unused-ignores --warn-redundant-casts \
-    tgate_trt/engines tgate_trt/runtime/trt_engine.py tgate_trt/runtime/ov_engine.py
+    tgate_trt/engines tgate_trt/contract tgate_trt/runtime/trt_engine.py tgate_trt/runtime/ov_engine.py
