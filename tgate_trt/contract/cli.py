@@ -22,11 +22,21 @@ from .errors import UserError, one_line
 Main = Callable[..., int]
 
 
+class _Help(argparse.HelpFormatter):
+    """Adds ``(default: X)`` to an option's help unless the text already says its default."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        if "default" in text or action.default in (None, False, argparse.SUPPRESS) or not action.option_strings:
+            return text
+        return f"{text} (default: %(default)s)"
+
+
 class Parser(argparse.ArgumentParser):
     """argparse with a one-line error and ``--debug``; defaults shown in every option's help."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
-        kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
+        kwargs.setdefault("formatter_class", _Help)
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.add_argument("--debug", action="store_true", help="show the full traceback of an error")
 

@@ -25,7 +25,10 @@ def build_parser() -> Parser:
     p.add_argument("--steps", type=int, default=None, help=f"denoising steps, 1..{MAX_STEPS} (default: the export's)")
     p.add_argument("--gate", type=int, default=None, help="gate step (>= steps: no gating; default: the export's)")
     p.add_argument(
-        "--guidance", type=float, default=None, help="guidance scale (CFG weight, or LCM's embedded guidance)"
+        "--guidance",
+        type=float,
+        default=None,
+        help="guidance scale, 0..100 (CFG weight, or LCM's embedded guidance; default: the export's)",
     )
     p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the export's)")
     p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the export's)")
@@ -36,7 +39,7 @@ def build_parser() -> Parser:
         help="cap on height*width (default: the export's, 4x its native size; a memory budget)",
     )
     p.add_argument("--batch", type=int, default=1, help="images per prompt")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="noise seed, 0..2**63-1 (same seed, same image)")
     p.add_argument("--scheduler", default=None, choices=SCHEDULERS, help="default: the export's own (else ddim)")
     p.add_argument(
         "--backend",
@@ -44,9 +47,7 @@ def build_parser() -> Parser:
         choices=BACKENDS,
         help="ort (ONNX Runtime, default), openvino (needs tgate-build --target openvino) or trt (TensorRT)",
     )
-    p.add_argument(
-        "--engines", default=None, help="OpenVINO build folder inside the export (default: openvino)"
-    )
+    p.add_argument("--engines", default=None, help="OpenVINO build folder inside the export (default: openvino)")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (default: 0 = the backend's choice)")
     p.add_argument("--out", type=Path, default=Path("image.png"), help="PNG path (index added for batch > 1)")
     p.add_argument(
