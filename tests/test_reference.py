@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tgate_trt.export.models import build_tiny
-from tgate_trt.export.reference import plan_reference, tgate_reference
+from tgate_trt.export.models import build_from_architecture, build_tiny
+from tgate_trt.export.reference import tgate_reference
 from tgate_trt.export.tgate import GateState, TGateAttnProcessor, cross_attention_modules, install_tgate
 from tgate_trt.methods.plan import TGateParams
 
@@ -104,32 +104,60 @@ def _tiny(scheduler: str):  # noqa: ANN202 (a diffusers pipeline)
     return pipe
 
 
-@pytest.mark.parametrize(
-    ("steps", "params", "scheduler"),
-    [
-        (25, TGateParams.v2(), "ddim"),  # the authors' defaults: 10 / 5 / 1 / 2
-        (12, TGateParams(6, 2, 2, 1), "ddim"),  # fi > 1: self-attention replayed after the gate too
-        (12, TGateParams(5, 3, 3, 0), "dpm++"),  # DPM-Solver++, the gate step's averaged attn1 replayed
-    ],
-)
-def test_plan_reference_equals_authors_package_v2(steps: int, params: TGateParams, scheduler: str) -> None:
-    """V2 (self-attention cached on a schedule) on the plain UNet, processors set from the plan; the authors'
-    pipeline is built fresh for each run (its loader rewires the modules it is given and keeps caches)."""
+V2_CASES = [
+    (25, TGateParams.v2(), "ddim"),  # the authors' defaults: 10 / 5 / 1 / 2
+    (12, TGateParams(6, 2, 2, 1), "ddim"),  # fi > 1: self-attention replayed after the gate too
+    (12, TGateParams(5, 3, 3, 0), "dpm++"),  # DPM-Solver++ (second order), the gate's averaged attn1 replayed
+]
+
+
+def _pipe(name: str, scheduler: str):  # noqa: ANN202 (a diffusers pipeline)
+    pipe = build_tiny() if name == "tiny" else build_from_architecture(name)
+    if scheduler == "dpm++":
+        from diffusers import DPMSolverMultistepScheduler
+
+        pipe.scheduler = DPMSolverMultistepScheduler.from_config(pipe.scheduler.config, algorithm_type="dpmsolver++")
+    return pipe
+
+
+def authors_v2(name: str, scheduler: str, prompt: list[str], negative: list[str], steps: int, params: TGateParams,
+               seed: int = 3, **kw) -> torch.Tensor:  # noqa: ANN003
+    """The authors' pipeline, built fresh for each run (its loader rewires the modules it is given and
+    keeps caches across calls)."""
     tgate = pytest.importorskip("tgate", reason="the authors' tgate package (dev extra) is not installed")
+    loader = tgate.TgateSDXLLoader if "sdxl" in name else tgate.TgateSDLoader
+    return loader(_pipe(name, scheduler)).tgate(
+        prompt, negative_prompt=negative, num_inference_steps=steps, output_type="latent",
+        gate_step=params.gate_step, sp_interval=params.sp_interval, fi_interval=params.fi_interval,
+        warm_up=params.warm_up, generator=torch.Generator().manual_seed(seed), **kw,
+    ).images
+
+
+@pytest.mark.parametrize("name", ["tiny", "tiny-sd21", "tiny-sdxl"])
+@pytest.mark.parametrize(("steps", "params", "scheduler"), V2_CASES)
+def test_v2_reference_equals_authors_package(name: str, steps: int, params: TGateParams, scheduler: str) -> None:
+    """V2 (self-attention cached on a schedule) through the exported variant modules and the sampler."""
     prompt, negative = ["a red circle on the left", "a blue square"], ["", ""]
-    ours, plan = plan_reference(
-        _tiny(scheduler), prompt, params, negative, steps, generator=torch.Generator().manual_seed(3), output_type="pt"
+    guidance = 5.0 if "sdxl" in name else 7.5
+    ours = tgate_reference(
+        _pipe(name, scheduler), prompt, negative, steps, guidance_scale=guidance,
+        generator=torch.Generator().manual_seed(3), output_type="pt", params=params,
     )
-    kw = {"negative_prompt": negative, "num_inference_steps": steps, "output_type": "latent"}
-    theirs = tgate.TgateSDLoader(_tiny(scheduler)).tgate(
-        prompt, gate_step=params.gate_step, sp_interval=params.sp_interval, fi_interval=params.fi_interval,
-        warm_up=params.warm_up, generator=torch.Generator().manual_seed(3), **kw,
-    ).images
+    theirs = authors_v2(name, scheduler, prompt, negative, steps, params, guidance_scale=guidance)
     assert (ours.latents - theirs).abs().max().item() <= 1e-4
-    v1 = tgate.TgateSDLoader(_tiny(scheduler)).tgate(
-        prompt, gate_step=params.gate_step, sp_interval=1, fi_interval=1, warm_up=0,
-        generator=torch.Generator().manual_seed(3), **kw,
-    ).images
+    v1 = authors_v2(name, scheduler, prompt, negative, steps, TGateParams.v1(params.gate_step),
+                    guidance_scale=guidance)
     assert (theirs - v1).abs().max().item() > 1e-2  # V2 differs from V1: the equality above is not V1's
-    assert any("attn1" in s.replay for s in plan)
+    assert any("attn1" in s.replay for s in ours.steps)
+    assert ours.calls == {k: v for k, v in counts_by_variant(ours.steps).items()}  # each variant as planned
     assert (ours.pregate_calls, ours.postgate_calls) == (params.gate_step, steps - params.gate_step)
+
+
+def counts_by_variant(steps: list) -> dict[str, int]:  # noqa: ANN001
+    from tgate_trt.methods.variants import select, variants_for
+
+    variants = variants_for("v2", True)
+    out = dict.fromkeys((v.key for v in variants), 0)
+    for step in steps:
+        out[select(variants, step).key] += 1
+    return out

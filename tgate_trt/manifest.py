@@ -114,25 +114,31 @@ class ModelFamily:
         return self.cfg or self.guidance_embedding is not None
 
 
-def conditioning_inputs(family: ModelFamily, postgate: bool) -> list[str]:
+def conditioning_inputs(
+    family: ModelFamily, postgate: bool = False, *, cfg: bool | None = None, text: bool | None = None
+) -> list[str]:
     """Names of the conditioning inputs of one UNet graph, in graph order (after sample, timestep).
 
-    The pre-gate graph takes the text states (both CFG branches when ``cfg``); the post-gate graph
-    reads no text states at all, but SDXL's added conditioning and a guidance embedding still feed
-    its time embedding, so those stay. Which added conditioning it takes is in the names: the
-    negative branch's with CFG (as the authors' ``TgateSDXLLoader`` does), the prompt's without.
+    A graph with CFG inside (``cfg``) takes both branches; one that computes cross-attention (``text``)
+    takes the text states. A graph whose attn2 replays reads no text states at all, but SDXL's added
+    conditioning and a guidance embedding still feed its time embedding, so those stay. Which added
+    conditioning a graph without CFG takes is in the names: the negative branch's when the family uses
+    CFG (as the authors' ``TgateSDXLLoader`` does after the gate), the prompt's when it is guidance-free.
+    ``postgate`` is V1's shorthand: no CFG, no text.
     """
+    cfg = (family.cfg and not postgate) if cfg is None else cfg
+    text = (not postgate) if text is None else text
     names: list[str] = []
-    if not postgate:
-        names += [PROMPT_EMBEDS, NEGATIVE_PROMPT_EMBEDS] if family.cfg else [PROMPT_EMBEDS]
+    if text:
+        names += [PROMPT_EMBEDS, NEGATIVE_PROMPT_EMBEDS] if cfg else [PROMPT_EMBEDS]
     if family.added_conditioning:
-        if postgate:
-            names += [NEGATIVE_TEXT_EMBEDS, NEGATIVE_TIME_IDS] if family.cfg else [TEXT_EMBEDS, TIME_IDS]
-        elif family.cfg:
+        if cfg:
             names += [TEXT_EMBEDS, NEGATIVE_TEXT_EMBEDS, TIME_IDS, NEGATIVE_TIME_IDS]
+        elif family.cfg:
+            names += [NEGATIVE_TEXT_EMBEDS, NEGATIVE_TIME_IDS]
         else:
             names += [TEXT_EMBEDS, TIME_IDS]
-    if family.guidance_embedding is not None or (family.cfg and not postgate):
+    if family.guidance_embedding is not None or cfg:
         names.append(GUIDANCE_SCALE)
     return names
 

@@ -1,7 +1,8 @@
 """The PyTorch T-GATE reference pipeline: the ground truth the ONNX graphs and runtimes are held to.
 
-It drives the same :class:`PreGateUNet` / :class:`PostGateUNet` modules that are exported, so a match
-with the authors' ``tgate`` package here also vouches for what goes into the graphs.
+It drives the same :class:`VariantUNet` modules that are exported, through the same sampler loop the
+runtime uses, so a match with the authors' ``tgate`` package here also vouches for what goes into the
+graphs and for the loop.
 """
 
 from __future__ import annotations
@@ -12,19 +13,50 @@ from typing import Any
 import torch
 
 from .. import manifest as mf
-from ..contract.errors import UsageError
 from ..manifest import check_gate
-from ..methods.plan import KINDS, MEAN, Step, TGateParams, family_plan
+from ..methods.plan import KINDS, Step, TGateParams, family_plan
+from ..methods.sampler import denoise
+from ..methods.variants import PREGATE, GraphVariant, cache_tensor, schedule_of, variants_for
 from .families import detect_family
-from .tgate import PostGateUNet, PreGateUNet, install_tgate, remove_tgate
+from .tgate import VariantUNet, attention_modules, remove_tgate
 
 
 @dataclass
 class ReferenceOutput:
     latents: torch.Tensor  # final latents, before VAE scaling
     images: Any  # PIL images, or a [B, 3, H, W] tensor in [0, 1] for output_type="pt"
-    pregate_calls: int
-    postgate_calls: int
+    calls: dict[str, int]  # UNet calls per graph variant
+    steps: list[Step]  # the plan that ran
+
+    @property
+    def pregate_calls(self) -> int:
+        """Calls with CFG (before the gate)."""
+        return sum(s.cfg for s in self.steps) if any(s.cfg for s in self.steps) else self.calls.get(PREGATE, 0)
+
+    @property
+    def postgate_calls(self) -> int:
+        """Calls that replay cross-attention (after the gate)."""
+        return sum("attn2" in s.replay for s in self.steps)
+
+
+class _TorchRunner:
+    """The sampler's runner for the PyTorch variant modules (the ones that are exported)."""
+
+    def __init__(self, modules: dict[str, VariantUNet]) -> None:
+        self.modules = modules
+        self.calls = dict.fromkeys(modules, 0)
+
+    def __call__(self, variant: GraphVariant, feeds: dict[str, Any]) -> dict[str, Any]:
+        module = self.modules[variant.key]
+        out = module(**feeds)
+        self.calls[variant.key] += 1
+        return dict(zip(module.output_names, out if isinstance(out, tuple) else (out,), strict=True))
+
+    def sample(self, variant: GraphVariant, x: torch.Tensor, t: torch.Tensor) -> dict[str, Any]:
+        return {mf.SAMPLE: x, mf.TIMESTEP: t.reshape(1).to(torch.float32)}
+
+    def noise(self, value: Any) -> torch.Tensor:
+        return value
 
 
 @torch.no_grad()
@@ -79,10 +111,15 @@ def tgate_reference(
     eta: float = 0.0,
     output_type: str = "pil",
     family: mf.ModelFamily | None = None,
+    params: TGateParams | None = None,
 ) -> ReferenceOutput:
-    """Run T-GATE V1: cross-attention (CFG when the family has it) for ``gate_step`` steps, then the
-    cached attn2 outputs with no CFG. ``family`` defaults to the one the pipeline implies."""
-    check_gate(num_inference_steps, gate_step)
+    """Run T-GATE through the same variant modules that are exported, on the one sampler loop.
+
+    ``params`` (default V1 at ``gate_step``) may be V2's: self-attention cached and replayed on the
+    authors' schedule too. ``family`` defaults to the one the pipeline implies.
+    """
+    params = params or TGateParams.v1(gate_step)
+    check_gate(num_inference_steps, params.gate_step)
     family = family or detect_family(pipe)
     height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
     width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
@@ -90,95 +127,30 @@ def tgate_reference(
     batch = 1 if isinstance(prompt, str) else len(prompt)
     feeds = encode_conditioning(pipe, family, prompt, negative_prompt, guidance_scale, height, width)
     pipe.scheduler.set_timesteps(num_inference_steps, device=device)
-    latents = pipe.prepare_latents(
-        batch,
-        pipe.unet.config.in_channels,
-        height,
-        width,
-        feeds[mf.PROMPT_EMBEDS].dtype,
-        device,
-        generator,
-        latents,
+    dtype = feeds[mf.PROMPT_EMBEDS].dtype
+    channels = pipe.unet.config.in_channels
+    latents = pipe.prepare_latents(batch, channels, height, width, dtype, device, generator, latents)
+    variants = variants_for(schedule_of(params), family.cfg)
+    modules = {v.key: VariantUNet(pipe.unet, v, family) for v in variants}
+    sites = {kind: [cache_tensor(kind, i) for i in range(len(attention_modules(pipe.unet, kind)))] for kind in KINDS}
+    runner = _TorchRunner(modules)
+    steps = family_plan(
+        num_inference_steps, params, family, pipe.scheduler.order, len(pipe.scheduler.timesteps)
     )
-    extra = pipe.prepare_extra_step_kwargs(generator, eta)
-    pre, post = PreGateUNet(pipe.unet, family), PostGateUNet(pipe.unet, family)
-    pre_feeds = {n: feeds[n] for n in mf.conditioning_inputs(family, postgate=False)}
-    post_feeds = {n: feeds[n] for n in mf.conditioning_inputs(family, postgate=True)}
-    caches: dict[str, torch.Tensor] = {}
-    counts = [0, 0]
-    timesteps = pipe.scheduler.timesteps
-    steps = family_plan(num_inference_steps, TGateParams.v1(gate_step), family, pipe.scheduler.order, len(timesteps))
-    for step, t in zip(steps, pipe.progress_bar(timesteps), strict=True):
-        x = pipe.scheduler.scale_model_input(latents, t)
-        timestep = t.reshape(1).to(torch.float32)
-        if "attn2" not in step.replay:
-            noise, *cache_list = pre(x, timestep, **pre_feeds)
-            if step.capture:  # the gate step: its caches are the ones replayed
-                caches = {mf.cache_name(j): c for j, c in enumerate(cache_list)}
-            counts[0] += 1
-        else:
-            noise = post(x, timestep, **post_feeds, **caches)
-            counts[1] += 1
-        latents = pipe.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
-    images = decode_latents(pipe, latents, output_type)
-    return ReferenceOutput(latents, images, *counts)
-
-
-@torch.no_grad()
-def plan_reference(
-    pipe: Any,
-    prompt: str | list[str],
-    params: TGateParams,
-    negative_prompt: str | list[str] | None = None,
-    num_inference_steps: int = 25,
-    guidance_scale: float = 7.5,
-    generator: torch.Generator | None = None,
-    output_type: str = "pil",
-) -> tuple[ReferenceOutput, list[Step]]:
-    """T-GATE with any parameters (V2: self-attention cached on a schedule too) on the plain UNet, its
-    ``attn1`` and ``attn2`` processors set per call from the plan: the ground truth for graph variants.
-
-    SD-1.x/2.x with CFG only, for now. As the authors' loop does, calls after the gate run batch ``B`` on
-    the negative text states (their cross-attention replays, so the states are never read).
-    """
-    family = detect_family(pipe)
-    if family.family != "sd" or not family.cfg:
-        raise UsageError(f"the plan reference covers SD-1.x/2.x with CFG; this pipeline is {family.family}")
-    height = width = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    batch = 1 if isinstance(prompt, str) else len(prompt)
-    feeds = encode_conditioning(pipe, family, prompt, negative_prompt, guidance_scale, height, width)
-    pipe.scheduler.set_timesteps(num_inference_steps, device=pipe._execution_device)
-    timesteps = pipe.scheduler.timesteps
-    embeds, negative = feeds[mf.PROMPT_EMBEDS], feeds[mf.NEGATIVE_PROMPT_EMBEDS]
-    latents = pipe.prepare_latents(
-        batch, pipe.unet.config.in_channels, height, width, embeds.dtype, pipe._execution_device, generator
-    )
-    extra = pipe.prepare_extra_step_kwargs(generator, 0.0)
-    states = {kind: install_tgate(pipe.unet, kind)[0] for kind in KINDS}
-    steps = family_plan(num_inference_steps, params, family, pipe.scheduler.order, len(timesteps))
-    counts = [0, 0]
     try:
-        for step, t in zip(steps, timesteps, strict=True):
-            captures = dict(step.capture)
-            for kind, state in states.items():
-                if kind in step.replay:
-                    state.mode = "replay"
-                elif kind in captures:  # a fresh cache: later replays read this step's outputs
-                    state.mode, state.cfg, state.cache, state.order = "capture", captures[kind] == MEAN, {}, []
-                else:
-                    state.mode = "compute"
-            x = torch.cat([latents, latents]) if step.cfg else latents
-            text = torch.cat([negative, embeds]) if step.cfg else negative
-            x = pipe.scheduler.scale_model_input(x, t)
-            noise = pipe.unet(x, t, encoder_hidden_states=text, return_dict=False)[0]
-            if step.cfg:
-                uncond, cond = noise.chunk(2)
-                noise = uncond + guidance_scale * (cond - uncond)
-            counts["attn2" in step.replay] += 1
-            latents = pipe.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
+        latents = denoise(
+            steps,
+            variants,
+            sites,
+            runner,
+            lambda v: {n: feeds[n] for n in modules[v.key].conditioning},
+            pipe.scheduler,
+            latents,
+            pipe.prepare_extra_step_kwargs(generator, eta),
+        )
     finally:
         remove_tgate(pipe.unet)
-    return ReferenceOutput(latents, decode_latents(pipe, latents, output_type), *counts), steps
+    return ReferenceOutput(latents, decode_latents(pipe, latents, output_type), runner.calls, steps)
 
 
 def decode_latents(pipe: Any, latents: torch.Tensor, output_type: str = "pil") -> Any:

@@ -16,6 +16,8 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from .. import manifest as mf
 from ..contract.errors import UsageError
+from ..methods.plan import KINDS, MEAN
+from ..methods.variants import GraphVariant, cache_tensor, variants_for
 
 Mode = Literal["compute", "capture", "replay"]
 
@@ -143,19 +145,46 @@ def _family(unet: Any, family: mf.ModelFamily | None) -> mf.ModelFamily:
     return mf.ModelFamily("sdxl" if sdxl else "sd", True, sdxl)
 
 
-class _GatedUNet(torch.nn.Module):
-    """Shared by both halves: the family's input names and the UNet's non-text conditioning."""
+class VariantUNet(torch.nn.Module):
+    """The UNet as one graph variant: CFG inside or not, each attention kind computed, captured (as an
+    output: the CFG mean or the whole batch) or replayed (from an input), per the variant's declaration.
 
-    postgate = False
+    CFG lives in the graph so every variant shares one interface (latents ``[B, 4, h, w]`` in, noise
+    prediction ``[B, 4, h, w]`` out), the cache mean needs the CFG batch layout anyway, and an engine runs
+    the duplication and guidance without host round trips. A variant whose attn2 replays reads no text
+    states (a 1-token placeholder satisfies the UNet's signature and is dead code in the graph); SDXL's
+    added conditioning and LCM's guidance embedding still feed the time embedding, so they stay inputs.
+    """
 
-    def __init__(self, unet: Any, family: mf.ModelFamily | None = None) -> None:
+    def __init__(self, unet: Any, variant: GraphVariant, family: mf.ModelFamily | None = None) -> None:
         super().__init__()
-        self.unet = unet
+        self.unet, self.variant = unet, variant
         self.family = _family(unet, family)
-        self.state, self.names = install_tgate(unet)
-        self.conditioning = mf.conditioning_inputs(self.family, self.postgate)
+        used = set(variant.replay) | {kind for kind, _ in variant.capture}
+        self.kinds = {kind: install_tgate(unet, kind) for kind in KINDS if kind in used}  # kind -> (state, names)
+        self.conditioning = mf.conditioning_inputs(self.family, cfg=variant.cfg, text=variant.reads_text)
+        self.cross_dim = unet.config.cross_attention_dim
 
-    def _extra(self, x: dict[str, torch.Tensor], batch: int, dtype: torch.dtype, cfg: bool) -> dict[str, Any]:
+    @property
+    def names(self) -> list[str]:
+        """attn2 module paths in cache order (V1's cache layers)."""
+        return self.kinds["attn2"][1] if "attn2" in self.kinds else attention_modules(self.unet, "attn2")
+
+    def cache_inputs(self) -> list[str]:
+        return [cache_tensor(k, i) for k in KINDS if k in self.variant.replay for i in range(len(self.kinds[k][1]))]
+
+    def cache_outputs(self) -> list[str]:
+        return [cache_tensor(k, i) for k, _ in self.variant.capture for i in range(len(self.kinds[k][1]))]
+
+    @property
+    def input_names(self) -> list[str]:
+        return [mf.SAMPLE, mf.TIMESTEP, *self.conditioning, *self.cache_inputs()]
+
+    @property
+    def output_names(self) -> list[str]:
+        return [mf.NOISE_PRED, *self.cache_outputs()]
+
+    def _extra(self, x: dict[str, torch.Tensor], batch: int, dtype: torch.dtype) -> dict[str, Any]:
         """``timestep_cond`` (LCM's guidance embedding) and ``added_cond_kwargs`` (SDXL), or nothing."""
         from .families import guidance_embedding
 
@@ -165,82 +194,64 @@ class _GatedUNet(torch.nn.Module):
                 x[mf.GUIDANCE_SCALE], batch, self.family.guidance_embedding, dtype
             )
         if self.family.added_conditioning:
-            if cfg:  # both branches, negative first as the latents and states are
+            if self.variant.cfg:  # both branches, negative first as the latents and states are
                 embeds = torch.cat([x[mf.NEGATIVE_TEXT_EMBEDS], x[mf.TEXT_EMBEDS]])
                 ids = torch.cat([x[mf.NEGATIVE_TIME_IDS], x[mf.TIME_IDS]])
-            elif self.postgate and self.family.cfg:  # after the gate: the negative branch's, as the authors
+            elif self.family.cfg:  # after the gate: the negative branch's, as the authors
                 embeds, ids = x[mf.NEGATIVE_TEXT_EMBEDS], x[mf.NEGATIVE_TIME_IDS]
             else:
                 embeds, ids = x[mf.TEXT_EMBEDS], x[mf.TIME_IDS]
             extra["added_cond_kwargs"] = {"text_embeds": embeds, "time_ids": ids}
         return extra
 
-
-class PreGateUNet(_GatedUNet):
-    """The UNet for steps before the gate: every attn2 output (CFG mean, or as-is without CFG) is an output.
-
-    CFG lives in the graph so both graphs share one interface (latents ``[B, 4, h, w]`` in, noise
-    prediction ``[B, 4, h, w]`` out), the cache mean needs the CFG batch layout anyway, and an engine
-    runs the duplication and guidance without extra host round trips. Guidance-free families run batch
-    ``B`` and keep each output as it is.
-    """
-
-    @property
-    def input_names(self) -> list[str]:
-        return [mf.SAMPLE, mf.TIMESTEP, *self.conditioning]
-
-    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> Any:
+        if len(args) + len(kwargs) != len(self.input_names):
+            raise UsageError(
+                f"expected {len(self.input_names)} inputs ({', '.join(self.input_names)}), "
+                f"got {len(args) + len(kwargs)}"
+            )
         x = _bind(self.input_names, args, kwargs)
-        cfg = self.family.cfg
-        self.state.mode, self.state.cfg, self.state.cache, self.state.order = "capture", cfg, {}, []
+        cfg, captures = self.variant.cfg, dict(self.variant.capture)
+        for kind, (state, names) in self.kinds.items():
+            state.cache, state.order = {}, []
+            if kind in self.variant.replay:
+                state.mode = "replay"
+                state.cache = {n: x[cache_tensor(kind, i)] for i, n in enumerate(names)}
+            elif kind in captures:
+                state.mode, state.cfg = "capture", captures[kind] == MEAN
+            else:
+                state.mode = "compute"
         sample = x[mf.SAMPLE]
-        if cfg:
-            latents = torch.cat([sample, sample])
+        latents = torch.cat([sample, sample]) if cfg else sample
+        if not self.variant.reads_text:
+            states = latents.new_zeros(latents.shape[0], 1, self.cross_dim)
+        elif cfg:
             states = torch.cat([x[mf.NEGATIVE_PROMPT_EMBEDS], x[mf.PROMPT_EMBEDS]])
         else:
-            latents, states = sample, x[mf.PROMPT_EMBEDS]
-        extra = self._extra(x, sample.shape[0], sample.dtype, cfg)
+            states = x[mf.PROMPT_EMBEDS]
+        extra = self._extra(x, sample.shape[0], sample.dtype)
         out = self.unet(latents, x[mf.TIMESTEP], encoder_hidden_states=states, return_dict=False, **extra)[0]
         if cfg:
             uncond, text = out.chunk(2)
             scale = x[mf.GUIDANCE_SCALE].to(out.dtype)
             out = uncond + scale * (text - uncond)
-        caches = tuple(self.state.cache[n] for n in self.names)
-        self.state.cache = {}
-        return (out, *caches)
+        caches = [self.kinds[k][0].cache[n] for k, _ in self.variant.capture for n in self.kinds[k][1]]
+        for state, _ in self.kinds.values():
+            state.cache = {}
+        return (out, *caches) if caches else out
 
 
-class PostGateUNet(_GatedUNet):
-    """The UNet for steps after the gate: no text states, every attn2 replays its cache, batch ``B``.
-
-    SDXL's added conditioning and LCM's guidance embedding still feed the time embedding, so they stay
-    inputs (the negative branch's added conditioning when the model uses CFG).
-    """
-
-    postgate = True
+class PreGateUNet(VariantUNet):
+    """V1's graph for steps before the gate: every attn2 output (CFG mean, or as-is without CFG) is an output."""
 
     def __init__(self, unet: Any, family: mf.ModelFamily | None = None) -> None:
-        super().__init__(unet, family)
-        self.cross_dim = unet.config.cross_attention_dim
+        family = _family(unet, family)
+        super().__init__(unet, variants_for("v1", family.cfg)[0], family)
 
-    @property
-    def input_names(self) -> list[str]:
-        return [mf.SAMPLE, mf.TIMESTEP, *self.conditioning, *map(mf.cache_name, range(len(self.names)))]
 
-    def forward(self, *args: torch.Tensor, **kwargs: torch.Tensor) -> torch.Tensor:
-        if len(args) + len(kwargs) != len(self.input_names):
-            raise UsageError(
-                f"expected {len(self.input_names)} inputs ({len(self.names)} cache tensors), "
-                f"got {len(args) + len(kwargs)}"
-            )
-        x = _bind(self.input_names, args, kwargs)
-        caches = [x[mf.cache_name(i)] for i in range(len(self.names))]
-        self.state.mode, self.state.cache = "replay", dict(zip(self.names, caches, strict=True))
-        sample = x[mf.SAMPLE]
-        # Nothing reads the encoder states once every attn2 replays; a 1-token placeholder satisfies
-        # the UNet's signature and is dead code in the exported graph.
-        unused = sample.new_zeros(sample.shape[0], 1, self.cross_dim)
-        extra = self._extra(x, sample.shape[0], sample.dtype, cfg=False)
-        out = self.unet(sample, x[mf.TIMESTEP], encoder_hidden_states=unused, return_dict=False, **extra)[0]
-        self.state.cache = {}
-        return out
+class PostGateUNet(VariantUNet):
+    """V1's graph for steps after the gate: no text states, every attn2 replays its cache, batch ``B``."""
+
+    def __init__(self, unet: Any, family: mf.ModelFamily | None = None) -> None:
+        family = _family(unet, family)
+        super().__init__(unet, variants_for("v1", family.cfg)[1], family)

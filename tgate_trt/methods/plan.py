@@ -15,6 +15,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from .. import manifest as mf
+from ..contract import limits
 from ..contract.errors import UsageError
 
 KINDS = ("attn1", "attn2")  # self-attention, cross-attention
@@ -33,18 +34,11 @@ class TGateParams:
     warm_up: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("gate_step", "sp_interval", "fi_interval", "warm_up"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool):
-                raise UsageError(f"{name} must be an integer, got {value!r}")
-        if self.gate_step < 1:
-            raise UsageError(f"gate_step must be >= 1, got {self.gate_step}: use gate_step >= steps for no gate")
-        for name in ("sp_interval", "fi_interval"):
-            if getattr(self, name) < 1:
-                value = getattr(self, name)
-                raise UsageError(f"{name} must be >= 1 (1 recomputes self-attention every step), got {value}")
-        if self.warm_up < 0:
-            raise UsageError(f"warm_up must be >= 0, got {self.warm_up}")
+        limits.check_gate(0, self.gate_step)
+        hint = " (1 recomputes self-attention every step)"
+        limits.check_int("sp_interval", self.sp_interval, 1, limits.MAX_STEPS, hint)
+        limits.check_int("fi_interval", self.fi_interval, 1, limits.MAX_STEPS, hint)
+        limits.check_int("warm_up", self.warm_up, 0, limits.MAX_STEPS)
 
     @classmethod
     def v1(cls, gate_step: int) -> TGateParams:
