@@ -91,7 +91,11 @@ def test_manifest_records_the_contract(tiny_export: Path) -> None:
         "height": 64,
         "width": 64,
         "max_pixels": 4 * 64 * 64,
+        "sp_interval": 1,
+        "fi_interval": 1,
+        "warm_up": 0,
     }
+    assert m.schedule == "v1" and list(m.variants) == [mf.PREGATE, mf.POSTGATE]
     assert m.gate["cfg_in_graph"] is True and "gate_step" in m.gate["semantics"]
     assert {"torch", "onnx", "onnxruntime", "diffusers"} <= set(m.tools)
     assert all(row["passed"] for row in m.validation) and len(m.validation) == 7

@@ -47,6 +47,7 @@ NEGATIVE_TIME_IDS = "negative_time_ids"
 
 # Symbolic dimension names shared by all graphs.
 BATCH = "batch"
+CFG_BATCH = "cfg_batch"  # 2 * batch: both CFG branches (a CFG graph's self-attention caches)
 LATENT_H = "latent_height"
 LATENT_W = "latent_width"
 
@@ -190,6 +191,7 @@ class CacheLayer:
     module: str  # attn2 module path in the diffusers UNet
     channels: int
     level: int  # latent downsample factor: the cache has (latent_h / level) * (latent_w / level) tokens
+    kind: str = "attn2"  # attn2 (cross-attention) or attn1 (self-attention, T-GATE V2)
 
     def tokens(self, latent_h: int, latent_w: int) -> int:
         return (latent_h // self.level) * (latent_w // self.level)
@@ -213,6 +215,8 @@ class Manifest:
     format_version: int = FORMAT_VERSION
     model: ModelFamily = field(default_factory=ModelFamily)  # absent in older manifests: SD
     files: dict[str, str] = field(default_factory=dict)  # every other file (tokenizer, scheduler, configs)
+    schedule: str = "v1"  # v1: attn2 cached (two UNet graphs); v2: attn1 on a schedule too
+    variants: dict[str, Any] = field(default_factory=dict)  # UNet graph key -> {cfg, replay, capture}
 
     # --- serialisation -------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -274,7 +278,16 @@ class Manifest:
     # --- derived facts -------------------------------------------------------------------------
     @property
     def cache_names(self) -> list[str]:
-        return [c.name for c in self.cache_layers]
+        """attn2 cache tensors (V1's caches), in graph order."""
+        return [c.name for c in self.cache_layers if c.kind == "attn2"]
+
+    @property
+    def sites(self) -> dict[str, list[str]]:
+        """Cache tensor names per attention kind, in graph order."""
+        out: dict[str, list[str]] = {"attn1": [], "attn2": []}
+        for c in self.cache_layers:
+            out[c.kind].append(c.name)
+        return out
 
     @property
     def text_encoders(self) -> list[dict[str, Any]]:

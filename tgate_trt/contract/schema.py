@@ -41,6 +41,14 @@ class _Cache(TypedDict):
     module: str
     channels: int
     level: int
+    kind: Literal["attn1", "attn2"]
+
+
+@with_config(_OPEN)
+class _Variant(TypedDict):
+    cfg: bool
+    replay: list[Literal["attn1", "attn2"]]
+    capture: list[tuple[Literal["attn1", "attn2"], Literal["full", "mean"]]]
 
 
 @with_config(_OPEN)
@@ -66,6 +74,9 @@ class _Defaults(TypedDict):
     height: int
     width: int
     max_pixels: int
+    sp_interval: int
+    fi_interval: int
+    warm_up: int
 
 
 @with_config(_OPEN)
@@ -95,10 +106,12 @@ class _Manifest(TypedDict):
     extra: dict[str, Any]
     model: _Model
     files: dict[str, str]
+    schedule: Literal["v1", "v2"]
+    variants: dict[str, _Variant]
 
 
 _ADAPTER = TypeAdapter(_Manifest)
-REQUIRED_GRAPHS = ("text_encoder", "unet_pregate", "unet_postgate", "vae_decoder")
+REQUIRED_GRAPHS = ("text_encoder", "vae_decoder")  # and every variant's UNet graph
 
 
 def check_manifest(data: Any, version: int, error: type[UserError]) -> None:
@@ -124,14 +137,23 @@ def _check_consistent(data: dict[str, Any], error: type[UserError], fix: str) ->
     for key in (*REQUIRED_GRAPHS, *encoders):
         if key not in graphs:
             raise error(f"manifest.json field graphs: the graph {key!r} is missing: {fix}")
-    names = [c["name"] for c in data["cache_layers"]]
-    produced = sorted(t["name"] for t in graphs["unet_pregate"]["outputs"] if t["name"].startswith("cache_"))
-    consumed = sorted(t["name"] for t in graphs["unet_postgate"]["inputs"] if t["name"].startswith("cache_"))
-    if sorted(names) != produced or sorted(names) != consumed:
-        raise error(
-            f"manifest.json field cache_layers: {len(names)} layers, but the pre-gate graph outputs "
-            f"{len(produced)} caches and the post-gate graph takes {len(consumed)}: {fix}"
-        )
+    if not data["variants"]:
+        raise error(f"manifest.json field variants: no UNet graph variants: {fix}")
+    sites: dict[str, list[str]] = {"attn1": [], "attn2": []}
+    for c in data["cache_layers"]:
+        sites[c["kind"]].append(c["name"])
+    for key, variant in data["variants"].items():
+        if key not in graphs:
+            raise error(f"manifest.json field graphs: the variant graph {key!r} is missing: {fix}")
+        want_in = sorted(n for k in variant["replay"] for n in sites[k])
+        want_out = sorted(n for k, _ in variant["capture"] for n in sites[k])
+        got_in = sorted(t["name"] for t in graphs[key]["inputs"] if t["name"] in sites["attn1"] + sites["attn2"])
+        got_out = sorted(t["name"] for t in graphs[key]["outputs"] if t["name"] != "noise_pred")
+        if got_in != want_in or got_out != want_out:
+            raise error(
+                f"manifest.json field cache_layers: {len(sites['attn2'])} attn2 and {len(sites['attn1'])} attn1 "
+                f"layers, but the graph {key} takes {len(got_in)} caches and outputs {len(got_out)}: {fix}"
+            )
     paths = [data["scheduler"], data["text"]["tokenizer"], *data["files"]]
     for graph in graphs.values():
         paths += [graph["file"], *graph["files"]]
@@ -144,5 +166,8 @@ def _check_consistent(data: dict[str, Any], error: type[UserError], fix: str) ->
         limits.check_gate(defaults["steps"], defaults["gate_step"])
         limits.check_guidance(defaults["guidance_scale"])
         limits.check_int("max_pixels", defaults["max_pixels"], 1)
+        limits.check_int("sp_interval", defaults["sp_interval"], 1)
+        limits.check_int("fi_interval", defaults["fi_interval"], 1)
+        limits.check_int("warm_up", defaults["warm_up"], 0)
     except UserError as exc:
         raise error(f"manifest.json field defaults: {exc}: {fix}") from None

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from ..contract.cli import Parser, command
 from ..contract.errors import UsageError
+from ..methods.variants import SCHEDULES
 from .exporter import DTYPES, MAX_OPSET, MIN_OPSET, STAGES, ExportRequest, check_request, run_export
 from .models import PRESETS
 from .validate import format_table
@@ -42,19 +43,24 @@ def build_parser() -> Parser:
     p.add_argument("--opset", type=int, default=18, help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET}")
     p.add_argument("--height", type=int, help="image height used for tracing and validation")
     p.add_argument("--width", type=int, help="image width used for tracing and validation")
-    p.add_argument(
-        "--random-weights", action="store_true", help="build a preset's architecture with random weights"
-    )
-    p.add_argument(
-        "--config", help="local diffusers folder with configs + tokenizer for a single-file checkpoint"
-    )
+    p.add_argument("--random-weights", action="store_true", help="build a preset's architecture with random weights")
+    p.add_argument("--config", help="local diffusers folder with configs + tokenizer for a single-file checkpoint")
     p.add_argument(
         "--lcm-lora", help="LCM-LoRA .safetensors to fuse into the UNet (the export becomes guidance-free, LCM)"
     )
-    p.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     p.add_argument(
-        "--engines", action="store_true", help="then build TensorRT engines into OUT/engines (GPU host)"
+        "--schedule",
+        default="v1",
+        choices=SCHEDULES,
+        help="v1: cross-attention cached (pre/post-gate graphs); v2: self-attention cached on a schedule too "
+        "(the authors' default; five UNet graph variants)",
     )
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="replace --out if it is a previous output of tgate-trt (never other folders)",
+    )
+    p.add_argument("--engines", action="store_true", help="then build TensorRT engines into OUT/engines (GPU host)")
     return p
 
 
@@ -77,6 +83,7 @@ def main(argv: Sequence[str], engines: EnginesHook | None = None) -> int:
         config=args.config,
         lcm_lora=args.lcm_lora,
         force=args.force,
+        schedule=args.schedule,
     )
     check_request(req)  # before the progress bar: a refusal is one line
     bar = tqdm(total=len(STAGES), desc="export", unit="stage", file=sys.stderr)
@@ -89,14 +96,18 @@ def main(argv: Sequence[str], engines: EnginesHook | None = None) -> int:
     try:
         manifest, checks = run_export(req, progress)
         bar.update(bar.total - bar.n)
+    except BaseException:
+        bar.leave = False  # a late error stays the one line on the terminal
+        raise
     finally:
         bar.close()
     print(format_table(checks))
-    pre, post = manifest.graphs["unet_pregate"], manifest.graphs["unet_postgate"]
+    sizes = ", ".join(f"{key} {manifest.graphs[key].parameters:,}" for key in manifest.variants)
+    sites = manifest.sites
     print(
-        f"\nexported {args.model} ({manifest.model.family}, {manifest.dtype}, opset {manifest.opset}) to {args.out}: "
-        f"{len(manifest.cache_layers)} gated attn2 layers; UNet parameters "
-        f"pre-gate {pre.parameters:,} -> post-gate {post.parameters:,}"
+        f"\nexported {args.model} ({manifest.model.family}, {manifest.dtype}, opset {manifest.opset}, schedule "
+        f"{manifest.schedule}) to {args.out}: {len(sites['attn2'])} attn2 and {len(sites['attn1'])} attn1 cache "
+        f"sites; UNet parameters per graph: {sizes}"
     )
     if args.engines and engines is not None:
         return engines.build(args.out)

@@ -19,17 +19,27 @@ from .. import manifest as mf
 from ..contract import limits
 from ..contract.errors import UserError
 from ..contract.files import MARKER, OutputDir
+from ..methods.variants import SCHEDULES, GraphVariant, variants_for
 from .families import FAMILY_DEFAULTS, detect_family, text_section
 from .graphs import (
     ExportOptions,
-    cache_layers,
-    export_postgate,
-    export_pregate,
+    cache_sites,
     export_standard_parts,
+    export_variant,
     text_encoder_keys,
     vae_upcast,
+    variant_modules,
 )
-from .models import ARCHITECTURES, ModelLoadError, SourceModel, apply_lcm_lora, resolve_model
+from .models import (
+    ARCHITECTURES,
+    CHECKPOINT_SUFFIXES,
+    PRESETS,
+    ModelLoadError,
+    SourceModel,
+    apply_lcm_lora,
+    check_diffusers_folder,
+    resolve_model,
+)
 from .onnx_io import describe
 from .validate import Check, validate_export
 
@@ -39,8 +49,8 @@ DEFAULTS = FAMILY_DEFAULTS["sd"]
 STAGES = (
     "load model",
     "text encoder(s) + VAE decoder",
-    "pre-gate UNet",
-    "post-gate UNet",
+    "UNet graphs before the gate",
+    "UNet graphs after the gate",
     "validate",
     "manifest",
 )
@@ -62,6 +72,7 @@ class ExportRequest:
     config: str | None = None  # configs + tokenizer for single-file checkpoints
     lcm_lora: str | None = None  # an LCM-LoRA .safetensors fused into the UNet (guidance-free result)
     force: bool = False
+    schedule: str = "v1"  # v1: pre/post-gate graphs; v2: the variants self-attention caching needs too
     extra: dict[str, Any] = field(default_factory=dict)
 
 
@@ -69,6 +80,8 @@ def check_request(req: ExportRequest) -> None:
     """Every check that needs no model weights, so bad input fails in milliseconds."""
     if req.dtype not in DTYPES:
         raise ExportError(f"--dtype must be one of {', '.join(DTYPES)}, got {req.dtype!r}")
+    if req.schedule not in SCHEDULES:
+        raise ExportError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {req.schedule!r}")
     if not MIN_OPSET <= req.opset <= MAX_OPSET:
         raise ExportError(f"--opset must be between {MIN_OPSET} and {MAX_OPSET}, got {req.opset}")
     for name, value in (("height", req.height), ("width", req.width)):
@@ -81,9 +94,44 @@ def check_request(req: ExportRequest) -> None:
     if req.config is not None and not Path(req.config).is_dir():
         raise ExportError(f"--config {req.config} is not a folder: pass a diffusers folder with configs + tokenizer")
     output_dir(req).check()
+    _check_model(req)
     arch = ARCHITECTURES.get(req.model) if req.model in ARCHITECTURES else None
     if arch is not None:
         _check_size(req, _multiple(arch["unet"], arch["vae"]))
+
+
+def _check_model(req: ExportRequest) -> None:
+    """What ``resolve_model`` refuses before reading any weights, refused here before the progress bar."""
+    model, path = req.model, Path(req.model).expanduser()
+    if req.random_weights and model not in ARCHITECTURES:
+        raise ExportError(f"--random-weights needs a preset name ({', '.join(ARCHITECTURES)}), got {model!r}")
+    if model in ARCHITECTURES or model in PRESETS:
+        return
+    if path.is_dir():
+        try:
+            check_diffusers_folder(path)
+        except ModelLoadError as exc:
+            raise ExportError(str(exc)) from None
+    elif path.is_file():
+        if path.suffix not in CHECKPOINT_SUFFIXES:
+            raise ExportError(
+                f"{path} is not a checkpoint: single-file models end in {' or '.join(CHECKPOINT_SUFFIXES)}"
+            )
+    elif path.suffix in CHECKPOINT_SUFFIXES or model.startswith((".", "/", "~")) or model.count("/") > 1:
+        raise ExportError(f"{model} does not exist: pass an existing folder or checkpoint file")
+    elif model.count("/") != 1:
+        raise ExportError(
+            f"unknown model {model!r}: use a preset ({', '.join(PRESETS)}), a local diffusers folder, "
+            "a .safetensors/.ckpt file, or a hub id such as org/name"
+        )
+
+
+def schedule_defaults(schedule: str, family: mf.ModelFamily) -> dict[str, int]:
+    """Self-attention caching defaults: the authors' V2 (5 / 1 / 2) with CFG; none for guidance-free
+    families (their LCM mode runs 1 / 1 / 0) and for V1."""
+    if schedule == "v2" and family.cfg:
+        return {"sp_interval": 5, "fi_interval": 1, "warm_up": 2}
+    return {"sp_interval": 1, "fi_interval": 1, "warm_up": 0}
 
 
 def output_dir(req: ExportRequest) -> OutputDir:
@@ -127,15 +175,14 @@ def _tool_versions() -> dict[str, str]:
     return out
 
 
-def _save_assets(pipe: Any, root: Path, family: mf.ModelFamily) -> None:
+def _save_assets(pipe: Any, root: Path, family: mf.ModelFamily, variants: tuple[GraphVariant, ...]) -> None:
     pipe.tokenizer.save_pretrained(root / "tokenizer")
     pipe.scheduler.save_pretrained(root / "scheduler")
     unet_cfg = json.dumps(dict(pipe.unet.config), indent=2, default=str)
     configs = [
         (mf.TEXT_ENCODER, pipe.text_encoder.config.to_json_string()),
         (mf.VAE_DECODER, json.dumps(dict(pipe.vae.config), indent=2, default=str)),
-        (mf.PREGATE, unet_cfg),
-        (mf.POSTGATE, unet_cfg),
+        *((v.key, unet_cfg) for v in variants),
     ]
     if family.added_conditioning:
         pipe.tokenizer_2.save_pretrained(root / "tokenizer_2")
@@ -153,10 +200,12 @@ def build_manifest(
     layers: list[mf.CacheLayer],
     checks: list[Check],
     family: mf.ModelFamily | None = None,
+    schedule: str = "v1",
 ) -> mf.Manifest:
     pipe = src.pipe
     family = family or detect_family(pipe)
-    keys = [*text_encoder_keys(family), mf.PREGATE, mf.POSTGATE, mf.VAE_DECODER]
+    variants = variants_for(schedule, family.cfg)
+    keys = [*text_encoder_keys(family), *(v.key for v in variants), mf.VAE_DECODER]
     latent = {
         "channels": pipe.unet.config.in_channels,
         "vae_scale_factor": pipe.vae_scale_factor,
@@ -169,6 +218,7 @@ def build_manifest(
     defaults = {**FAMILY_DEFAULTS[family.family], **src.defaults, "height": opts.height, "width": opts.width}
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     defaults["max_pixels"] = limits.default_max_pixels(max(native, opts.height), max(native, opts.width))
+    defaults.update(schedule_defaults(schedule, family))
     graphs = {k: describe(root / k, root, params[k]) for k in keys}
     return mf.Manifest(
         source=src.source,
@@ -185,6 +235,8 @@ def build_manifest(
         validation=[c.row() for c in checks],
         model=family,
         files=other_files(root, graphs),
+        schedule=schedule,
+        variants={v.key: v.to_dict() for v in variants},
     )
 
 
@@ -225,17 +277,20 @@ def run_export(
     if vae_upcast(pipe, family, opts):
         pipe.vae.to(torch.float32)
 
+    variants = variants_for(req.schedule, family.cfg)
     with output_dir(req) as tmp:
-        _save_assets(pipe, tmp, family)
+        _save_assets(pipe, tmp, family, variants)
         stage(STAGES[1])
         params = export_standard_parts(pipe, tmp, opts, family)
-        layers = cache_layers(pipe, opts, family)
-        stage(STAGES[2])
-        params[mf.PREGATE] = export_pregate(pipe, layers, tmp / mf.PREGATE, opts, family)
-        stage(STAGES[3])
-        params[mf.POSTGATE] = export_postgate(pipe, layers, tmp / mf.POSTGATE, opts, family)
+        layers = cache_sites(pipe, opts, family, ("attn2",) if req.schedule == "v1" else ("attn2", "attn1"))
+        modules = variant_modules(pipe, variants, family)
+        for before in (True, False):  # the graphs that read text (before the gate), then the rest
+            stage(STAGES[2] if before else STAGES[3])
+            for v in variants:
+                if v.reads_text == before:
+                    params[v.key] = export_variant(pipe, modules, v.key, layers, tmp / v.key, opts)
         stage(STAGES[4])
-        checks = validate_export(pipe, tmp, opts, family=family)
+        checks = validate_export(pipe, tmp, opts, family=family, variants=variants)
         failed = [c for c in checks if not c.passed]
         if failed:
             from .validate import format_table
@@ -245,7 +300,7 @@ def run_export(
                 f"written to {req.out}\n{format_table(checks)}"
             )
         stage(STAGES[5])
-        manifest = build_manifest(src, tmp, opts, params, layers, checks, family)
+        manifest = build_manifest(src, tmp, opts, params, layers, checks, family, req.schedule)
         manifest.extra.update(req.extra)
         manifest.save(tmp)
     return manifest, checks

@@ -13,9 +13,11 @@ from typing import Any
 import torch
 
 from .. import manifest as mf
+from ..methods.plan import FULL, KINDS, MEAN
+from ..methods.variants import CACHE_PREFIX, GraphVariant, cache_tensor
 from .families import detect_family
 from .onnx_io import ScratchDir, finalize
-from .tgate import PostGateUNet, PreGateUNet
+from .tgate import VariantUNet
 
 
 @dataclass
@@ -55,7 +57,8 @@ def _export(module: torch.nn.Module, args: tuple[Any, ...], raw: Path, opts: Exp
 def unet_example(
     pipe: Any, opts: ExportOptions, batch: int = 1, seed: int = 0, family: mf.ModelFamily | None = None
 ) -> dict[str, torch.Tensor]:
-    """Seeded pre-gate inputs at ``batch`` and the options' image size, named as the graph's inputs."""
+    """Seeded UNet inputs at ``batch`` and the options' image size: the sample and every conditioning
+    input any variant takes (each variant picks its own with :func:`variant_feeds`)."""
     family = family or detect_family(pipe)
     gen = torch.Generator().manual_seed(seed)
     factor = pipe.vae_scale_factor
@@ -78,40 +81,74 @@ def unet_example(
         example[mf.NEGATIVE_TEXT_EMBEDS] = torch.randn(batch, pooled, generator=gen).to(dt)
         example[mf.TIME_IDS] = ids.repeat(batch, 1)
         example[mf.NEGATIVE_TIME_IDS] = (ids + torch.tensor([[0.0, 0.0, 8.0, 8.0, 0.0, 0.0]])).repeat(batch, 1)
-    names = [mf.SAMPLE, mf.TIMESTEP, *mf.conditioning_inputs(family, postgate=False)]
-    return {n: example[n] for n in names}
+    return example
 
 
-def postgate_example(
-    pipe: Any, example: dict[str, torch.Tensor], caches: list[torch.Tensor], family: mf.ModelFamily | None = None
+def _source(modules: dict[str, VariantUNet], variant: GraphVariant, kind: str) -> VariantUNet:
+    """A variant whose captured ``kind`` caches ``variant`` can replay: the whole CFG batch for a CFG
+    graph, batch ``B`` (the CFG mean, or a guidance-free capture) otherwise."""
+    for module in modules.values():
+        v = module.variant
+        if v.replay:
+            continue
+        layout = dict(v.capture).get(kind)
+        if (layout == FULL and v.cfg == variant.cfg) or (layout == MEAN and not variant.cfg):
+            return module
+    raise RuntimeError(f"no variant captures {kind} caches that {variant.key} can replay")
+
+
+def variant_feeds(
+    modules: dict[str, VariantUNet], variant: GraphVariant, example: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
-    """Post-gate inputs: the pre-gate example's sample and conditioning (the negative branch's added
-    conditioning with CFG) with ``caches``, named as the graph's inputs."""
+    """The inputs of ``variant``'s graph, named and ordered as the graph's: the example's sample and
+    conditioning, and for each replayed kind the caches its source variant captures from the example."""
+    module = modules[variant.key]
+    feeds = {n: example[n] for n in (mf.SAMPLE, *module.conditioning)}
+    feeds[mf.TIMESTEP] = torch.tensor([500.0 if variant.reads_text else 250.0])
+    for kind in KINDS:
+        if kind in variant.replay:
+            src = _source(modules, variant, kind)
+            with torch.no_grad():
+                out = dict(zip(src.output_names, src(**variant_feeds(modules, src.variant, example)), strict=True))
+            feeds.update({n: out[n] for n in src.cache_outputs() if n.startswith(CACHE_PREFIX[kind])})
+    return {n: feeds[n] for n in module.input_names}
+
+
+def cache_sites(
+    pipe: Any, opts: ExportOptions, family: mf.ModelFamily | None = None, kinds: tuple[str, ...] = ("attn2",)
+) -> list[mf.CacheLayer]:
+    """Probe the UNet once: channels and spatial level of every cache site of ``kinds``, in graph order
+    (attn2 first, as V1 numbered them, then attn1)."""
     family = family or detect_family(pipe)
-    out = {mf.SAMPLE: example[mf.SAMPLE], mf.TIMESTEP: torch.tensor([250.0])}
-    out.update({n: example[n] for n in mf.conditioning_inputs(family, postgate=True)})
-    out.update({mf.cache_name(i): c for i, c in enumerate(caches)})
-    return out
-
-
-def cache_layers(pipe: Any, opts: ExportOptions, family: mf.ModelFamily | None = None) -> list[mf.CacheLayer]:
-    """Probe the pre-gate UNet once: channels and spatial level of every attn2, in cache order."""
-    pre = PreGateUNet(pipe.unet, family)
-    example = unet_example(pipe, opts, family=pre.family)
+    capture = tuple((k, FULL) for k in ("attn2", "attn1") if k in kinds)
+    probe = VariantUNet(pipe.unet, GraphVariant("probe", False, capture=capture), family)
+    example = unet_example(pipe, opts, family=family)
     with torch.no_grad():
-        _, *caches = pre(**example)
+        outputs = probe(**variant_feeds({"probe": probe}, probe.variant, example))
+    out = dict(zip(probe.output_names, outputs, strict=True))
     h, w = example[mf.SAMPLE].shape[-2:]
     layers = []
-    for i, (name, cache) in enumerate(zip(pre.names, caches, strict=True)):
-        level = round(math.sqrt(h * w / cache.shape[1]))
-        if (h // level) * (w // level) != cache.shape[1]:
-            raise RuntimeError(f"{name}: cache of {cache.shape[1]} tokens is not a downsampled {h}x{w} grid")
-        layers.append(mf.CacheLayer(i, mf.cache_name(i), name, int(cache.shape[2]), level))
+    for kind, _ in capture:
+        for i, module in enumerate(probe.kinds[kind][1]):
+            name = cache_tensor(kind, i)
+            cache = out[name]
+            level = round(math.sqrt(h * w / cache.shape[1]))
+            if (h // level) * (w // level) != cache.shape[1]:
+                raise RuntimeError(f"{module}: cache of {cache.shape[1]} tokens is not a downsampled {h}x{w} grid")
+            layers.append(mf.CacheLayer(i, name, module, int(cache.shape[2]), level, kind))
     return layers
 
 
-def _cache_axes(layers: list[mf.CacheLayer]) -> dict[str, dict[int, str]]:
-    return {c.name: {0: mf.BATCH, 1: mf.hw_dim(c.level)} for c in layers}
+def cache_layers(pipe: Any, opts: ExportOptions, family: mf.ModelFamily | None = None) -> list[mf.CacheLayer]:
+    """V1's cache sites: every attn2, in execution order."""
+    return cache_sites(pipe, opts, family)
+
+
+def _cache_axes(layers: list[mf.CacheLayer], names: list[str], cfg: bool) -> dict[str, dict[int, str]]:
+    """A CFG graph's self-attention caches hold the whole CFG batch (``2 * batch``)."""
+    by_name = {c.name: c for c in layers}
+    batch = {c.name: mf.CFG_BATCH if cfg and c.kind == "attn1" else mf.BATCH for c in layers}
+    return {n: {0: batch[n], 1: mf.hw_dim(by_name[n].level)} for n in names}
 
 
 _LATENT_AXES = {0: mf.BATCH, 2: mf.LATENT_H, 3: mf.LATENT_W}
@@ -123,44 +160,41 @@ def _input_axes(names: list[str]) -> dict[str, dict[int, str]]:
     return {**axes, mf.SAMPLE: _LATENT_AXES}
 
 
-def export_pregate(
-    pipe: Any, layers: list[mf.CacheLayer], folder: Path, opts: ExportOptions, family: mf.ModelFamily | None = None
+def variant_modules(
+    pipe: Any, variants: tuple[GraphVariant, ...], family: mf.ModelFamily | None = None
+) -> dict[str, VariantUNet]:
+    return {v.key: VariantUNet(pipe.unet, v, family) for v in variants}
+
+
+def export_variant(
+    pipe: Any,
+    modules: dict[str, VariantUNet],
+    key: str,
+    layers: list[mf.CacheLayer],
+    folder: Path,
+    opts: ExportOptions,
 ) -> int:
-    pre = PreGateUNet(pipe.unet, family)
-    example = unet_example(pipe, opts, family=pre.family)
-    names = [c.name for c in layers]
+    """One UNet variant as an ONNX graph in ``folder`` (optimum's layout); returns its parameter count."""
+    module = modules[key]
+    inputs = variant_feeds(modules, module.variant, unet_example(pipe, opts, family=module.family))
+    cache_in = [n for n in inputs if n in {c.name for c in layers}]
+    cache_out = module.cache_outputs()
+    axes = {
+        **_input_axes([n for n in inputs if n not in cache_in]),
+        mf.NOISE_PRED: _LATENT_AXES,
+        **_cache_axes(layers, cache_in, module.variant.cfg),
+        **_cache_axes(layers, cache_out, module.variant.cfg),
+    }
     with ScratchDir(folder.parent) as scratch:
         raw = scratch / "model.onnx"
         _export(
-            pre,
-            tuple(example.values()),
-            raw,
-            opts,
-            input_names=list(example),
-            output_names=[mf.NOISE_PRED, *names],
-            dynamic_axes={**_input_axes(list(example)), mf.NOISE_PRED: _LATENT_AXES, **_cache_axes(layers)},
-        )
-        return finalize(raw, folder, opts.force_external_data)
-
-
-def export_postgate(
-    pipe: Any, layers: list[mf.CacheLayer], folder: Path, opts: ExportOptions, family: mf.ModelFamily | None = None
-) -> int:
-    pre, post = PreGateUNet(pipe.unet, family), PostGateUNet(pipe.unet, family)
-    example = unet_example(pipe, opts, family=pre.family)
-    with torch.no_grad():
-        _, *caches = pre(**example)
-    inputs = postgate_example(pipe, example, caches, pre.family)
-    with ScratchDir(folder.parent) as scratch:
-        raw = scratch / "model.onnx"
-        _export(
-            post,
+            module,
             tuple(inputs.values()),
             raw,
             opts,
             input_names=list(inputs),
-            output_names=[mf.NOISE_PRED],
-            dynamic_axes={**_input_axes(list(inputs)), mf.NOISE_PRED: _LATENT_AXES, **_cache_axes(layers)},
+            output_names=module.output_names,
+            dynamic_axes=axes,
         )
         return finalize(raw, folder, opts.force_external_data)
 

@@ -160,15 +160,15 @@ class VariantUNet(torch.nn.Module):
         super().__init__()
         self.unet, self.variant = unet, variant
         self.family = _family(unet, family)
-        used = set(variant.replay) | {kind for kind, _ in variant.capture}
-        self.kinds = {kind: install_tgate(unet, kind) for kind in KINDS if kind in used}  # kind -> (state, names)
+        # every kind gets its processors: variants share the UNet, so each call sets every kind's mode
+        self.kinds = {kind: install_tgate(unet, kind) for kind in KINDS}  # kind -> (state, module names)
         self.conditioning = mf.conditioning_inputs(self.family, cfg=variant.cfg, text=variant.reads_text)
         self.cross_dim = unet.config.cross_attention_dim
 
     @property
     def names(self) -> list[str]:
         """attn2 module paths in cache order (V1's cache layers)."""
-        return self.kinds["attn2"][1] if "attn2" in self.kinds else attention_modules(self.unet, "attn2")
+        return self.kinds["attn2"][1]
 
     def cache_inputs(self) -> list[str]:
         return [cache_tensor(k, i) for k in KINDS if k in self.variant.replay for i in range(len(self.kinds[k][1]))]

@@ -15,9 +15,9 @@ import numpy as np
 import torch
 
 from .. import manifest as mf
+from ..methods.variants import GraphVariant, variants_for
 from .families import detect_family
-from .graphs import ExportOptions, postgate_example, text_encoder_keys, unet_example, vae_upcast
-from .tgate import PostGateUNet, PreGateUNet
+from .graphs import ExportOptions, text_encoder_keys, unet_example, vae_upcast, variant_feeds, variant_modules
 
 # Tolerance on max |ort - torch|: atol + rtol * max |torch| (same dtype on both sides).
 TOLERANCES = {"fp32": (1e-4, 1e-4), "fp16": (2e-2, 1e-2)}
@@ -98,6 +98,7 @@ def validate_export(
     opts: ExportOptions,
     progress: Callable[[str], None] | None = None,
     family: mf.ModelFamily | None = None,
+    variants: tuple[GraphVariant, ...] | None = None,
 ) -> list[Check]:
     """Run every graph in ORT and PyTorch; returns one :class:`Check` per graph and case."""
     family = family or detect_family(pipe)
@@ -112,25 +113,21 @@ def validate_export(
             progress(msg)
 
     checks = _check_text_encoders(pipe, root, family, opts.dtype, step)
-    pre, post = PreGateUNet(pipe.unet, family), PostGateUNet(pipe.unet, family)
-    sess_pre = _session(root / mf.PREGATE / "model.onnx")
-    sess_post = _session(root / mf.POSTGATE / "model.onnx")
+    modules = variant_modules(pipe, variants or variants_for("v1", family.cfg), family)
+    sessions = {key: _session(root / key / "model.onnx") for key in modules}
     sess_vae = _session(root / mf.VAE_DECODER / "model.onnx")
     vae_dtype = "fp32" if vae_upcast(pipe, family, opts) else opts.dtype
     for name, batch, h, w in cases:
         case = f"{name} {h}x{w}"
         step(f"validate UNet graphs ({case})")
         inputs = unet_example(pipe, ExportOptions(opts.dtype, opts.opset, h, w), batch=batch, seed=1, family=family)
-        with torch.no_grad():
-            ref_pre = list(pre(**inputs))
-        got_pre = sess_pre.run(None, _np(inputs))
-        checks.append(_compare(mf.PREGATE, case, got_pre, ref_pre, opts.dtype))
-        # The post-gate graph replays the PyTorch caches, as the pipeline replays the graph's own.
-        post_inputs = postgate_example(pipe, inputs, ref_pre[1:], family)
-        with torch.no_grad():
-            ref_post = post(**post_inputs)
-        got_post = sess_post.run(None, _np(post_inputs))
-        checks.append(_compare(mf.POSTGATE, case, got_post, [ref_post], opts.dtype))
+        for key, module in modules.items():
+            # a replaying graph gets the PyTorch caches, as the pipeline hands it the graph's own
+            feeds = variant_feeds(modules, module.variant, inputs)
+            with torch.no_grad():
+                ref = module(**feeds)
+            got = sessions[key].run(None, _np(feeds))
+            checks.append(_compare(key, case, got, list(ref) if isinstance(ref, tuple) else [ref], opts.dtype))
 
         step(f"validate VAE decoder ({case})")
         latent = inputs[mf.SAMPLE].to(pipe.vae.dtype)
@@ -142,9 +139,9 @@ def validate_export(
 
 
 def format_table(checks: list[Check]) -> str:
-    header = f"{'graph':<15} {'case':<28} {'max abs diff':>13} {'tolerance':>11}  pass"
+    header = f"{'graph':<17} {'case':<28} {'max abs diff':>13} {'tolerance':>11}  pass"
     lines = [header, "-" * len(header)]
     for c in checks:
         verdict = "yes" if c.passed else "NO"
-        lines.append(f"{c.graph:<15} {c.case:<28} {c.max_abs_diff:>13.3e} {c.tolerance:>11.3e}  {verdict}")
+        lines.append(f"{c.graph:<17} {c.case:<28} {c.max_abs_diff:>13.3e} {c.tolerance:>11.3e}  {verdict}")
     return "\n".join(lines)

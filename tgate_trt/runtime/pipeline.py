@@ -19,8 +19,10 @@ import torch
 from .. import manifest as mf
 from ..contract import limits
 from ..contract.errors import UsageError
-from ..methods.plan import TGateParams, family_plan
-from .conditioning import TextConditioner
+from ..methods.plan import Step, TGateParams, family_plan
+from ..methods.sampler import denoise
+from ..methods.variants import GraphVariant, select
+from .conditioning import TextConditioner, check_sizes
 from .engine import Engine, OrtEngine
 
 SCHEDULERS = ("ddim", "euler", "dpm++", "lcm")
@@ -80,6 +82,28 @@ def _as_list(prompt: str | list[str], what: str) -> list[str]:
     return prompts
 
 
+def check_prompt_text(prompts: list[str], negatives: list[str] | None, family: mf.ModelFamily) -> None:
+    """The prompt checks that need no tokenizer: a batch in range, no empty prompt, negatives that apply."""
+    limits.check_batch(len(prompts))
+    if any(not p.strip() for p in prompts):
+        raise UsageError("prompt is empty: pass a text describing the image")
+    if negatives is not None and not family.cfg:
+        raise UsageError(
+            f"this export is guidance-free ({family.family}: no CFG), so a negative_prompt has no effect"
+        )
+    if negatives is not None and len(negatives) != len(prompts):
+        raise UsageError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
+
+
+def check_token_counts(counts: list[int]) -> None:
+    """A prompt the tokenizer reduces to nothing is refused like an empty one."""
+    if 0 in counts:
+        raise UsageError(
+            "prompt has no tokens the model can read (only characters its tokenizer drops): "
+            "pass a text describing the image"
+        )
+
+
 class TGatePipeline:
     def __init__(
         self,
@@ -96,6 +120,7 @@ class TGatePipeline:
         self.max_pixels = manifest.max_pixels if max_pixels is None else limits.check_int("max_pixels", max_pixels, 1)
         self.scheduler_config = DDIMScheduler.load_config(str(root / manifest.scheduler))  # read once
         self.conditioner = TextConditioner(root, manifest, engines, tokenizer)
+        self.variants = [GraphVariant.from_dict(k, v) for k, v in manifest.variants.items()]
 
     @classmethod
     def from_export(
@@ -158,21 +183,8 @@ class TGatePipeline:
         width: int,
     ) -> tuple[int, int]:
         """Every argument in range, before any graph runs; returns the latent size."""
-        limits.check_batch(len(prompts))
-        if any(not p.strip() for p in prompts):
-            raise UsageError("prompt is empty: pass a text describing the image")
-        if 0 in self.conditioner.token_counts(prompts):
-            raise UsageError(
-                "prompt has no tokens the model can read (only characters its tokenizer drops): "
-                "pass a text describing the image"
-            )
-        family = self.manifest.model
-        if negatives is not None and not family.cfg:
-            raise UsageError(
-                f"this export is guidance-free ({family.family}: no CFG), so a negative_prompt has no effect"
-            )
-        if negatives is not None and len(negatives) != len(prompts):
-            raise UsageError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
+        check_prompt_text(prompts, negatives, self.manifest.model)
+        check_token_counts(self.conditioner.token_counts(prompts))
         mf.check_gate(steps, gate_step)
         limits.check_guidance(guidance)
         size = self.manifest.latent_size(height, width, self.max_pixels)
@@ -186,7 +198,7 @@ class TGatePipeline:
 
     def _check_static(self, batch: int, height: int, width: int) -> None:
         """Graphs with fixed dimensions (engines built for one shape) say which shape they take."""
-        spec = self.manifest.graphs[mf.PREGATE].input(mf.SAMPLE)
+        spec = self.manifest.graphs[next(iter(self.manifest.variants))].input(mf.SAMPLE)
         factor = self.manifest.latent["vae_scale_factor"]
         fixed_b, fixed_h, fixed_w = spec.shape[0], spec.shape[2], spec.shape[3]
         if isinstance(fixed_b, int) and fixed_b != batch:
@@ -195,6 +207,27 @@ class TGatePipeline:
             raise UsageError(
                 f"these graphs take {fixed_h * factor}x{fixed_w * factor} images, got {height}x{width}"
             )
+
+    def params(
+        self, gate_step: int, sp_interval: int | None = None, fi_interval: int | None = None, warm_up: int | None = None
+    ) -> TGateParams:
+        """The T-GATE parameters of a call: the export's defaults where unset."""
+        d = self.manifest.defaults
+        return TGateParams(
+            gate_step,
+            d["sp_interval"] if sp_interval is None else sp_interval,
+            d["fi_interval"] if fi_interval is None else fi_interval,
+            d["warm_up"] if warm_up is None else warm_up,
+        )
+
+    def plan(self, steps: int, params: TGateParams, sched: Any) -> list[Step]:
+        """The step plan for this export's family and ``sched``; refused (before any graph runs) when it
+        needs a graph variant the export doesn't have."""
+        sched.set_timesteps(steps)
+        plan = family_plan(steps, params, self.manifest.model, sched.order, len(sched.timesteps))
+        for step in plan:
+            select(self.variants, step)
+        return plan
 
     # --- the run ---------------------------------------------------------------------------------
     def encode(self, prompts: list[str]) -> np.ndarray:
@@ -215,10 +248,14 @@ class TGatePipeline:
         scheduler: str | None = None,
         progress: Callable[[int], None] | None = None,
         sizes: dict[str, Any] | None = None,
+        sp_interval: int | None = None,
+        fi_interval: int | None = None,
+        warm_up: int | None = None,
     ) -> Result:
-        """Generate images. Unset steps, gate, guidance and size take the export's defaults (per
-        family); ``scheduler`` defaults to the export's own; ``sizes`` overrides SDXL's
-        ``original_size`` / ``crops_coords_top_left`` / ``target_size``."""
+        """Generate images. Unset steps, gate, guidance, size and the V2 intervals take the export's
+        defaults (per family); ``scheduler`` defaults to the export's own; ``sizes`` overrides SDXL's
+        ``original_size`` / ``crops_coords_top_left`` / ``target_size``. ``sp_interval`` / ``fi_interval``
+        / ``warm_up`` schedule self-attention caching (T-GATE V2; needs an export with ``--schedule v2``)."""
         defaults = self.manifest.defaults
         num_inference_steps = defaults["steps"] if num_inference_steps is None else num_inference_steps
         gate_step = defaults["gate_step"] if gate_step is None else gate_step
@@ -230,10 +267,12 @@ class TGatePipeline:
         height = defaults["height"] if height is None else height
         width = defaults["width"] if width is None else width
         h, w = self.check(prompts, negatives, num_inference_steps, gate_step, guidance_scale, height, width)
+        check_sizes(sizes)
         if scheduler is not None and scheduler not in SCHEDULERS:
             raise UsageError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
         seed = limits.check_seed(0 if seed is None else seed)
         sched = make_scheduler(scheduler or default_scheduler(self.scheduler_config), self.scheduler_config)
+        plan = self.plan(num_inference_steps, self.params(gate_step, sp_interval, fi_interval, warm_up), sched)
         if generator is None:
             generator = torch.Generator().manual_seed(seed)
         counts = {k: e.calls for k, e in self.engines.items()}
@@ -244,37 +283,30 @@ class TGatePipeline:
         batch = len(prompts)
         timings["text_encoder"] = time.perf_counter() - start
 
-        pre, post = self.engines[mf.PREGATE], self.engines[mf.POSTGATE]
         shape = (batch, self.manifest.latent["channels"], h, w)
         from diffusers.utils.torch_utils import randn_tensor
 
         sched.set_timesteps(num_inference_steps)  # first: Euler's init_noise_sigma depends on the timesteps
         latents = randn_tensor(shape, generator=generator, dtype=torch.float32) * sched.init_noise_sigma
-        step_kwargs = _step_kwargs(sched, generator)
-        family = self.manifest.model
-        pre_feeds = {n: pre.asarray(cond[n], n) for n in mf.conditioning_inputs(family, postgate=False)}
-        post_feeds = {n: post.asarray(cond[n], n) for n in mf.conditioning_inputs(family, postgate=True)}
-        caches: dict[str, Any] = {}
-        names = self.manifest.cache_names
+        runner = _EngineRunner(self.engines, self.manifest.model, cond)
         timings["pregate"] = timings["postgate"] = 0.0
-        steps = family_plan(num_inference_steps, TGateParams.v1(gate_step), family, sched.order, len(sched.timesteps))
-        for i, (step, t) in enumerate(zip(steps, sched.timesteps, strict=True)):
-            step_start = time.perf_counter()
-            x = sched.scale_model_input(latents, t).numpy()
-            timestep = np.array([float(t)], np.float32)
-            if "attn2" not in step.replay:  # the pre-gate graph (CFG inside when the family has it)
-                out = pre({mf.SAMPLE: pre.asarray(x, mf.SAMPLE), mf.TIMESTEP: timestep, **pre_feeds})
-                if step.capture:  # the gate step: its caches are the ones replayed
-                    caches = {n: out[n] for n in names}
-                noise, engine, stage = out[mf.NOISE_PRED], pre, "pregate"
-            else:
-                out = post({mf.SAMPLE: post.asarray(x, mf.SAMPLE), mf.TIMESTEP: timestep, **post_feeds, **caches})
-                noise, engine, stage = out[mf.NOISE_PRED], post, "postgate"
-            noise_t = torch.from_numpy(engine.numpy(noise).astype(np.float32))
-            latents = sched.step(noise_t, t, latents, **step_kwargs, return_dict=False)[0]
-            timings[stage] += time.perf_counter() - step_start
+
+        def step_done(i: int, variant: GraphVariant, seconds: float) -> None:
+            timings["pregate" if variant.reads_text else "postgate"] += seconds
             if progress:
                 progress(i)
+
+        latents = denoise(
+            plan,
+            self.variants,
+            self.manifest.sites,
+            runner,
+            runner.conditioning,
+            sched,
+            latents,
+            _step_kwargs(sched, generator),
+            step_done,
+        )
 
         vae_start = time.perf_counter()
         vae = self.engines[mf.VAE_DECODER]
@@ -287,6 +319,34 @@ class TGatePipeline:
         return Result(images, latents.numpy(), timings, calls, self.truncated(prompts))
 
 
+class _EngineRunner:
+    """The sampler's runner for exported graphs: each variant's engine, its conditioning converted once."""
+
+    def __init__(self, engines: dict[str, Engine], family: mf.ModelFamily, cond: dict[str, np.ndarray]) -> None:
+        self.engines, self.family, self.cond = engines, family, cond
+        self._feeds: dict[str, dict[str, Any]] = {}
+        self._last: Engine | None = None
+
+    def conditioning(self, variant: GraphVariant) -> dict[str, Any]:
+        if variant.key not in self._feeds:
+            engine = self.engines[variant.key]
+            names = mf.conditioning_inputs(self.family, cfg=variant.cfg, text=variant.reads_text)
+            self._feeds[variant.key] = {n: engine.asarray(self.cond[n], n) for n in names}
+        return self._feeds[variant.key]
+
+    def sample(self, variant: GraphVariant, x: torch.Tensor, t: torch.Tensor) -> dict[str, Any]:
+        engine = self.engines[variant.key]
+        return {mf.SAMPLE: engine.asarray(x.numpy(), mf.SAMPLE), mf.TIMESTEP: np.array([float(t)], np.float32)}
+
+    def __call__(self, variant: GraphVariant, feeds: dict[str, Any]) -> dict[str, Any]:
+        self._last = self.engines[variant.key]
+        return self._last(feeds)
+
+    def noise(self, value: Any) -> torch.Tensor:
+        assert self._last is not None
+        return torch.from_numpy(self._last.numpy(value).astype(np.float32))
+
+
 def to_pil(image: np.ndarray) -> list[Any]:
     """VAE output in [-1, 1], NCHW -> PIL images, rounded exactly as diffusers' image processor."""
     from PIL import Image
@@ -296,14 +356,17 @@ def to_pil(image: np.ndarray) -> list[Any]:
 
 
 def format_timings(timings: dict[str, float], calls: dict[str, int]) -> str:
+    """Seconds and calls per stage; UNet calls are summed over the variants before / after the gate."""
+    unet = {k: n for k, n in calls.items() if k.startswith("unet")}
+    post = sum(n for k, n in unet.items() if k == mf.POSTGATE or k.startswith("unet_post"))
     rows = [
-        ("text encoder", "text_encoder", mf.TEXT_ENCODER),
-        ("pre-gate steps", "pregate", mf.PREGATE),
-        ("post-gate steps", "postgate", mf.POSTGATE),
-        ("VAE decoder", "vae_decoder", mf.VAE_DECODER),
+        ("text encoder", "text_encoder", calls.get(mf.TEXT_ENCODER, 0)),
+        ("pre-gate steps", "pregate", sum(unet.values()) - post),
+        ("post-gate steps", "postgate", post),
+        ("VAE decoder", "vae_decoder", calls.get(mf.VAE_DECODER, 0)),
     ]
     lines = [f"{'stage':<16} {'calls':>5} {'seconds':>9}", "-" * 32]
-    for label, key, graph in rows:
-        lines.append(f"{label:<16} {calls.get(graph, 0):>5} {timings.get(key, 0.0):>9.3f}")
+    for label, key, n in rows:
+        lines.append(f"{label:<16} {n:>5} {timings.get(key, 0.0):>9.3f}")
     lines.append(f"{'total':<16} {'':>5} {timings['total']:>9.3f}")
     return "\n".join(lines)
