@@ -63,6 +63,21 @@ def test_plot_is_a_png(report: tuple[Path, dict]) -> None:
     assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # no temp files left
 
 
+def test_rerun_replaces_the_report_only_with_force(tmp_path: Path) -> None:
+    """The folder is shared (here it holds the prompt file): --force replaces the two report files only."""
+    out = tmp_path / "analysis"
+    out.mkdir()
+    (out / "prompts.txt").write_text("a cat\n")
+    args = ["--model", "tiny", "--prompts", str(out / "prompts.txt"), "--steps", "2", "--out", str(out)]
+    assert main(args) == 0
+    before = (out / JSON_NAME).read_bytes()
+    assert main([*args[:-2], "--steps", "3", "--out", str(out)]) == 2  # an earlier report: not without --force
+    assert (out / JSON_NAME).read_bytes() == before
+    assert main([*args[:-2], "--steps", "3", "--out", str(out), "--force"]) == 0
+    assert json.loads((out / JSON_NAME).read_text())["steps"] == 3
+    assert sorted(p.name for p in out.iterdir()) == [JSON_NAME, PNG_NAME, "prompts.txt"]
+
+
 def test_suggest_gate_rule() -> None:
     assert suggest_gate([0.5, 0.2, 0.04, 0.03], 0.05) == 3
     assert suggest_gate([0.5, 0.01, 0.2, 0.03, 0.01], 0.05) == 4  # a dip before a rise doesn't count

@@ -149,9 +149,11 @@ def test_targets_set_h_against_its_peers() -> None:
 
 
 def test_bench_refuses_bad_input(tiny_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    base = ["--export", str(tiny_export), "--out", str(tmp_path)]
+    base = ["--export", str(tiny_export), "--height", "64", "--width", "64", "--out", str(tmp_path)]
     assert main([*base, "--gate", "0"]) == 2
     assert main([*base, "--height", "70"]) == 2
+    assert main([*base, "--height", "256", "--width", "256"]) == 2  # over tiny's pixel cap ...
+    assert "--max-pixels" in capsys.readouterr().err  # ... which --max-pixels raises
     assert main([*base, "--variants", "xyz"]) == 2
     assert main([*base, "--variants", "c,nope"]) == 2
     capsys.readouterr()
@@ -163,3 +165,44 @@ def test_bench_refuses_bad_input(tiny_export: Path, tmp_path: Path, capsys: pyte
     assert main([*base, "--variants", "q"]) == 2  # (q) without --int8-export
     assert main([*base, "--variants", "q", "--int8-export", str(tiny_export)]) == 2  # not an int8 copy
     assert main(["--export", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
+    assert list(tmp_path.iterdir()) == []  # every refusal came before anything was written
+
+
+def test_report_files_replace_only_their_own(tmp_path: Path) -> None:
+    """--out is shared: an earlier report is replaced only with --force, and only its own files."""
+    from tgate_trt.contract.errors import OutputError
+    from tgate_trt.runtime.bench_report import ReportFiles, json_safe, write_json
+
+    out = tmp_path / "bench"
+    names = ("bench.json", "bench.md")
+
+    def publish(force: bool, text: str) -> None:
+        with ReportFiles(out, names, "tgate-bench", force=force, report_keys=("results",)) as stage:
+            write_json(stage / "bench.json", {"results": [text]})
+            (stage / "bench.md").write_text(text)
+
+    publish(False, "first")
+    (out / "earlier").mkdir()  # another sitting kept beside the report
+    with pytest.raises(OutputError, match="already holds bench.json, bench.md"):
+        publish(False, "second")
+    publish(True, "second")
+    assert (out / "bench.md").read_text() == "second" and (out / "earlier").is_dir()
+    assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.md", "earlier"]  # no lock, no stage
+    with pytest.raises(RuntimeError, match="boom"), ReportFiles(out, names, "tgate-bench", force=True) as stage:
+        (stage / "bench.md").write_text("half")
+        raise RuntimeError("boom")
+    assert (out / "bench.md").read_text() == "second"  # a failed run changes nothing ...
+    assert sorted(p.name for p in out.iterdir()) == ["bench.json", "bench.md", "earlier"]  # ... and leaves nothing
+    (out / ".tgate-bench.tmp-killed").mkdir()  # a killed run's stage: the next writer removes it
+    publish(True, "third")
+    assert not (out / ".tgate-bench.tmp-killed").exists()
+    (out / "bench.json").write_text("{}")  # not a report of ours: --force won't replace it
+    with pytest.raises(OutputError, match="no bench.json of tgate-bench"):
+        publish(True, "fourth")
+    with pytest.raises(ValueError):
+        write_json(tmp_path / "x.json", {"r": float("nan")})  # NaN is not JSON: refused, never written
+    assert json_safe({"r": [float("nan"), 1.0, float("inf")]}) == {"r": [None, 1.0, None]}
+    fresh = tmp_path / "new" / "deeper"
+    with pytest.raises(RuntimeError), ReportFiles(fresh, names, "tgate-bench"):
+        raise RuntimeError("failed before writing")
+    assert not (tmp_path / "new").exists()  # the folders it made are removed with it

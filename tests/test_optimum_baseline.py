@@ -9,13 +9,17 @@ import numpy as np
 import pytest
 
 from tgate_trt import manifest as mf
+from tgate_trt.contract.errors import OutputError
+from tgate_trt.contract.files import MARKER
 from tgate_trt.runtime import optimum_baseline as ob
 from tgate_trt.runtime.pipeline import TGatePipeline
 
 
 @pytest.fixture(scope="module")
 def plain_unet(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    return ob.plain_unet("tiny", True, tmp_path_factory.mktemp("optimum-unet"))
+    parent = tmp_path_factory.mktemp("optimum-unet")
+    (parent / ".unet-cache.tmp-killed").mkdir()  # what a killed export leaves: the next export removes it
+    return ob.plain_unet("tiny", True, parent / "unet-cache")
 
 
 def test_optimum_pipeline_draws_our_no_gate_image(tiny_export: Path, plain_unet: Path) -> None:
@@ -42,9 +46,16 @@ def test_plain_unet_folder_is_reused_only_for_its_model(plain_unet: Path) -> Non
     stamp = plain_unet.stat().st_mtime_ns
     assert ob.plain_unet("tiny", True, folder) == plain_unet and plain_unet.stat().st_mtime_ns == stamp
     assert (plain_unet.parent / "config.json").is_file()
-    assert not [p for p in folder.iterdir() if p.name.startswith(".")]  # no temp folder left behind
+    assert not [p for p in folder.iterdir() if p.name.startswith(".") and p.name != MARKER]  # no temp folder
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # the killed run's temp folder removed
     with pytest.raises(ob.OptimumBaselineError, match="delete it"):
         ob.plain_unet("tiny-sd21", False, folder)
+    foreign = folder.parent / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(OutputError, match="not empty"):  # never overwritten
+        ob.plain_unet("tiny", True, foreign)
+    assert [p.name for p in foreign.iterdir()] == ["notes.txt"]
 
 
 def test_refuses_exports_the_standard_pipeline_does_not_cover(model_export: Callable[[str], Path]) -> None:

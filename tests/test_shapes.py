@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -58,6 +59,7 @@ def _tensors(folder: Path) -> dict[str, np.ndarray]:
 
 
 def test_training_runs_and_resumes_to_the_same_weights(tmp_path: Path) -> None:
+    from tgate_trt.contract.errors import OutputError
     from tgate_trt.export.shapes.train import Interrupted, tiny_config, train
 
     cfg = tiny_config()
@@ -68,6 +70,12 @@ def test_training_runs_and_resumes_to_the_same_weights(tmp_path: Path) -> None:
     assert not (tmp_path / "b").exists()  # nothing half-written
     cfg.stop_after = None
     resumed = train(tmp_path / "b", tmp_path / "work_b", cfg)
+    with pytest.raises(OutputError, match="pass --force"):  # an earlier output is replaced only with force
+        train(tmp_path / "b", tmp_path / "work_b", cfg)
+    (tmp_path / "work_b" / ".unet.tmp-killed.pt").write_bytes(b"half")  # a killed run's checkpoint write
+    resumed = train(tmp_path / "b", tmp_path / "work_b", cfg, force=True)  # every stage done: re-assembled
+    assert not (tmp_path / "work_b" / ".unet.tmp-killed.pt").exists()
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # no lock, no stage left
     a, b = _tensors(straight), _tensors(resumed)
     assert a.keys() == b.keys() and len(a) > 50
     assert all(np.array_equal(a[k], b[k]) for k in a)
@@ -159,10 +167,46 @@ def test_eval_writes_table_json_and_grid(shapes_export: Path, tmp_path: Path) ->
 def test_eval_refuses_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from tgate_trt.runtime.evaluate import main as eval_main
 
-    with pytest.raises(SystemExit):
-        eval_main(["--gates", "0", "--out", str(tmp_path)])
-    assert "gate" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        eval_main(["--export", str(tmp_path), "--out", str(tmp_path / "o")])
+    assert eval_main(["--gates", "0", "--out", str(tmp_path)]) == 2
+    assert "--gates must be an integer in 1..24" in capsys.readouterr().err
+    (tmp_path / "folder").mkdir()
+    assert eval_main(["--export", str(tmp_path / "folder"), "--out", str(tmp_path / "o")]) == 2
     assert "not an export folder" in capsys.readouterr().err
+    assert eval_main(["--export", str(tmp_path / "folder"), "--out", str(tmp_path / "folder" / "o")]) == 2
+    assert "which this command reads" in capsys.readouterr().err  # never written into its source
+    assert eval_main(["--seeds-per-prompt", "0", "--out", str(tmp_path / "o")]) == 2  # was a report of NaNs
+    assert "--seeds-per-prompt must be an integer in 1..100" in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_eval_replaces_its_report_only_with_force(shapes_export: Path, tmp_path: Path) -> None:
+    from tgate_trt.runtime.evaluate import main as eval_main
+
+    out = tmp_path / "quality"
+    (out / "guidance-7.5").mkdir(parents=True)  # another sitting kept in the same folder
+    (out / "eval.json").write_text('{"rows": []}')
+    argv = ["--export", str(shapes_export), "--gates", "2", "--steps", "3", "--seeds-per-prompt", "1"]
+    assert eval_main([*argv, "--out", str(out)]) == 2  # an earlier report: not without --force
+    assert (out / "eval.json").read_text() == '{"rows": []}'
+    assert eval_main([*argv, "--out", str(out), "--force"]) == 0
+    assert [r["gate"] for r in json.loads((out / "eval.json").read_text())["rows"]] == [3, 2]
+    assert sorted(p.name for p in out.iterdir()) == ["eval.json", "eval.md", "grid.png", "guidance-7.5"]
+
+
+def test_training_refuses_the_shipped_weights(tmp_path: Path) -> None:
+    """Training never replaces the package's weights by accident, nor an output that isn't a model."""
+    from tgate_trt.contract.errors import OutputError
+    from tgate_trt.export.shapes.train import main as train_main
+    from tgate_trt.export.shapes.train import tiny_config, train
+
+    before = {p: p.stat().st_mtime_ns for p in WEIGHTS.rglob("*")}
+    with pytest.raises(OutputError, match="--overwrite-shipped"):
+        train(WEIGHTS, tmp_path / "work", tiny_config())
+    assert train_main(["--out", str(WEIGHTS), "--work", str(tmp_path / "work")]) == 2
+    assert train_main(["--work", str(tmp_path / "work")]) == 2  # no --out: say which to pass
+    assert {p: p.stat().st_mtime_ns for p in WEIGHTS.rglob("*")} == before
+    assert not (tmp_path / "work").exists()  # refused before a checkpoint was written
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("not a model")
+    with pytest.raises(OutputError, match="not an output of tgate-trt"):
+        train(tmp_path / "mine", tmp_path / "work", tiny_config(), force=True)

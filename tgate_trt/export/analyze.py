@@ -11,23 +11,19 @@ below the threshold: the cache of step ``g - 1`` then differs little from every 
 from __future__ import annotations
 
 import argparse
-import json
 import math
-import os
 import sys
-import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from ..contract import limits
+from ..contract.cli import Parser, command
 from ..contract.errors import UsageError
-from ..manifest import MAX_STEPS, atomic_write_text
-from .models import resolve_model
-from .tgate import PreGateUNet
+from ..runtime.bench_report import ReportFiles, json_safe, write_json
 
 JSON_NAME, PNG_NAME = "convergence.json", "convergence.png"
+MAX_SIDE = 16384  # pixels per side refused before a model is loaded; the model's own cap applies after
 
 
 def suggest_gate(mean_curve: Sequence[float], threshold: float) -> int | None:
@@ -45,14 +41,19 @@ def suggest_gate(mean_curve: Sequence[float], threshold: float) -> int | None:
 
 def read_prompts(path: Path) -> list[str]:
     if not path.is_file():
-        raise UsageError(f"prompt file {path} does not exist")
-    prompts = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+        raise UsageError(f"prompt file {path} does not exist" if not path.exists() else f"{path} is not a file")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UsageError(f"prompt file {path} is not UTF-8 text (one prompt per line expected)") from None
+    except OSError as exc:
+        raise UsageError(f"prompt file {path} can't be read: {exc.strerror}") from None
+    prompts = [line.strip() for line in text.splitlines() if line.strip()]
     if not prompts:
         raise UsageError(f"prompt file {path} has no prompts (one per line expected)")
     return prompts
 
 
-@torch.no_grad()
 def convergence_curves(
     pipe: Any,
     prompts: list[str],
@@ -68,10 +69,33 @@ def convergence_curves(
 
     Prompt ``j`` gets its own generator seeded ``seed + j``, so results don't depend on batching.
     """
+    import torch
+
+    from .tgate import PreGateUNet
+
+    with torch.no_grad():
+        return _curves(
+            pipe, PreGateUNet(pipe.unet), prompts, steps, seed, guidance_scale, height, width, batch_size, progress
+        )
+
+
+def _curves(
+    pipe: Any,
+    pre: Any,
+    prompts: list[str],
+    steps: int,
+    seed: int,
+    guidance_scale: float,
+    height: int | None,
+    width: int | None,
+    batch_size: int,
+    progress: Callable[[], None] | None,
+) -> tuple[list[str], dict[str, list[float]], list[int]]:
+    import torch
+
     height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
     width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
     device = pipe._execution_device
-    pre = PreGateUNet(pipe.unet)
     sums = {name: torch.zeros(steps - 1, dtype=torch.float64) for name in pre.names}
     scale = torch.tensor([guidance_scale], dtype=torch.float32, device=device)
     extra = pipe.prepare_extra_step_kwargs(None, 0.0)
@@ -103,20 +127,9 @@ def convergence_curves(
 
 
 def mean_curve(curves: dict[str, list[float]]) -> list[float]:
+    import torch
+
     return torch.tensor(list(curves.values()), dtype=torch.float64).mean(dim=0).tolist()
-
-
-def _atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def plot(report: dict[str, Any], path: Path) -> None:
@@ -137,7 +150,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
     if gate is not None:
         ax.axvline(gate, color="green", linestyle=":", linewidth=1.5, label=f"gate = {gate}")
     values = [v for c in report["curves"].values() for v in c] + [report["threshold"]]
-    if all(v > 0 and math.isfinite(v) for v in values):
+    if all(v is not None and v > 0 and math.isfinite(v) for v in values):
         ax.set_yscale("log")
     ax.set_xlabel("denoising step i")
     ax.set_ylabel("||a_i - a_(i-1)|| / ||a_(i-1)||")
@@ -145,11 +158,11 @@ def plot(report: dict[str, Any], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
-    _atomic_write_bytes(path, lambda fh: fig.savefig(fh, format="png"))
+    fig.savefig(path, format="png")  # into the report's stage (ReportFiles), or with atomic_save
 
 
-def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+def build_parser() -> Parser:
+    p = Parser(
         prog="tgate-analyze",
         description="Record how much each attn2 output changes per denoising step (plain CFG run) and "
         "suggest a T-GATE gate step.",
@@ -160,82 +173,142 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompts", type=Path, help="text file, one prompt per line (blank lines skipped)")
     src.add_argument("--prompt", help="a single prompt")
-    p.add_argument("--steps", type=int, default=25)
+    p.add_argument("--steps", type=int, default=25, help=f"denoising steps, 2..{limits.MAX_STEPS}")
     p.add_argument("--gate", type=int, help="gate step to mark on the plot (default: the suggestion)")
     p.add_argument("--threshold", type=float, default=0.05, help="mean relative change counted as converged")
     p.add_argument("--seed", type=int, default=0, help="prompt j uses seed + j")
     p.add_argument("--guidance-scale", type=float, default=7.5)
-    p.add_argument("--height", type=int)
-    p.add_argument("--width", type=int)
-    p.add_argument("--batch-size", type=int, default=4, help="prompts per UNet batch")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--height", type=int, help="image height (default: the model's)")
+    p.add_argument("--width", type=int, help="image width (default: the model's)")
+    p.add_argument(
+        "--max-pixels", type=int, help="cap on height*width (default: 4x the model's native size; a memory budget)"
+    )
+    p.add_argument("--batch-size", type=int, default=4, help=f"prompts per UNet batch, 1..{limits.MAX_BATCH}")
+    p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--out", required=True, type=Path, help=f"folder for {JSON_NAME} and {PNG_NAME}")
+    p.add_argument("--force", action="store_true", help=f"replace the {JSON_NAME} and {PNG_NAME} of an earlier run")
     return p
 
 
 def _check_args(args: argparse.Namespace) -> list[str]:
-    if not 2 <= args.steps <= MAX_STEPS:
-        raise UsageError(f"--steps must be in 2..{MAX_STEPS} (a change needs two steps), got {args.steps}")
+    """The numbers and the prompts: everything that needs no model."""
+    if not 2 <= args.steps <= limits.MAX_STEPS:
+        raise UsageError(f"--steps must be in 2..{limits.MAX_STEPS} (a change needs two steps), got {args.steps}")
     if not (args.threshold > 0 and math.isfinite(args.threshold)):
         raise UsageError(f"--threshold must be a positive number, got {args.threshold}")
     if args.gate is not None and not 1 <= args.gate <= args.steps:
         raise UsageError(f"--gate must be in 1..{args.steps}, got {args.gate}")
-    if args.batch_size < 1:
-        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    limits.check_int("--batch-size", args.batch_size, 1, limits.MAX_BATCH)
+    limits.check_float("--guidance-scale", args.guidance_scale, 0.0, limits.GUIDANCE_MAX)
+    for name, value in (("--height", args.height), ("--width", args.width)):
+        if value is not None:
+            limits.check_int(name, value, 1, MAX_SIDE)
+    if args.max_pixels is not None:
+        limits.check_int("--max-pixels", args.max_pixels, 1)
     if args.prompt is not None:
         if not args.prompt.strip():
             raise UsageError("--prompt is empty")
-        return [args.prompt]
-    return read_prompts(args.prompts)
+        prompts = [args.prompt]
+    else:
+        prompts = read_prompts(args.prompts)
+    limits.check_int("--seed", args.seed, 0, limits.SEED_MAX - len(prompts) + 1, " (prompt j uses seed + j)")
+    return prompts
 
 
-def main(argv: list[str] | None = None) -> int:
+def size_rule(unet: dict[str, Any], vae: dict[str, Any]) -> tuple[int, int]:
+    """(multiple, native side) of a model's image size, from its UNet and VAE configs."""
+    factor = 2 ** (len(vae["block_out_channels"]) - 1)
+    return factor * 2 ** (len(unet["block_out_channels"]) - 1), unet["sample_size"] * factor
+
+
+def check_size(args: argparse.Namespace, multiple: int, native: int) -> tuple[int, int]:
+    """``--height``/``--width`` (default: native) against what the model takes; the cap is a memory budget."""
+    height = native if args.height is None else args.height
+    width = native if args.width is None else args.width
+    if height % multiple or width % multiple:
+        raise UsageError(
+            f"--height and --width must be multiples of {multiple} for model {args.model}, got {height}x{width}"
+        )
+    cap = args.max_pixels if args.max_pixels is not None else limits.default_max_pixels(native, native)
+    return limits.check_size(height, width, multiple, cap)
+
+
+def _preset_size(args: argparse.Namespace) -> None:
+    """A preset's size rule is known from its configs: refuse a bad size before building the model."""
+    from .models import ARCHITECTURES
+
+    arch = ARCHITECTURES.get(args.model)
+    if arch is not None and (args.random_weights or args.model.startswith("tiny")):
+        check_size(args, *size_rule(arch["unet"], arch["vae"]))
+
+
+@command("tgate-analyze")
+def main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(argv)
+    prompts = _check_args(args)
+    model_path = Path(args.model).expanduser()
+    report = ReportFiles(
+        args.out,
+        (JSON_NAME, PNG_NAME),
+        "tgate-analyze",
+        force=args.force,
+        sources=[args.prompts, args.config, model_path if model_path.exists() else None],
+        report_keys=("curves", "mean"),
+    )
+    report.check()
+    _preset_size(args)
     from tqdm import tqdm
 
-    args = build_parser().parse_args(argv)
-    try:
-        prompts = _check_args(args)
+    from .models import resolve_model
+
+    with report as stage:  # locked for the run; both files appear together at the end
         source = resolve_model(args.model, args.random_weights, args.config)
-    except (ValueError, OSError) as exc:  # ModelLoadError is a ValueError
-        print(f"tgate-analyze: error: {exc}", file=sys.stderr)
-        return 2
-    pipe = source.pipe.to(args.device)
-    pipe.set_progress_bar_config(disable=True)
-    n_batches = math.ceil(len(prompts) / args.batch_size)
-    with tqdm(total=n_batches * args.steps, desc="analyze", unit="step", file=sys.stderr) as bar:
-        names, curves, timesteps = convergence_curves(
-            pipe, prompts, args.steps, seed=args.seed, guidance_scale=args.guidance_scale,
-            height=args.height, width=args.width, batch_size=args.batch_size, progress=lambda: bar.update(1),
-        )  # fmt: skip
-    mean = mean_curve(curves)
-    suggested = suggest_gate(mean, args.threshold)
-    report = {
-        "model": args.model,
-        "source": source.source,
-        "steps": args.steps,
-        "seed": args.seed,
-        "guidance_scale": args.guidance_scale,
-        "threshold": args.threshold,
-        "suggested_gate": suggested,
-        "gate": args.gate if args.gate is not None else suggested,
-        "prompts": prompts,
-        "layers": names,
-        "step_axis": list(range(1, args.steps)),
-        "timesteps": timesteps,
-        "curves": curves,
-        "mean": mean,
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(args.out / JSON_NAME, json.dumps(report, indent=2) + "\n")
-    plot(report, args.out / PNG_NAME)
+        pipe = source.pipe
+        unet, vae = dict(pipe.unet.config), dict(pipe.vae.config)
+        height, width = check_size(args, *size_rule(unet, vae))
+        if args.device is None:
+            import torch
+
+            args.device = "cuda" if torch.cuda.is_available() else "cpu"
+        pipe = pipe.to(args.device)
+        pipe.set_progress_bar_config(disable=True)
+        n_batches = math.ceil(len(prompts) / args.batch_size)
+        with tqdm(total=n_batches * args.steps, desc="analyze", unit="step", file=sys.stderr) as bar:
+            names, curves, timesteps = convergence_curves(
+                pipe, prompts, args.steps, seed=args.seed, guidance_scale=args.guidance_scale,
+                height=height, width=width, batch_size=args.batch_size, progress=lambda: bar.update(1),
+            )  # fmt: skip
+        mean = mean_curve(curves)
+        suggested = suggest_gate(mean, args.threshold)
+        result = {
+            "model": args.model,
+            "source": source.source,
+            "steps": args.steps,
+            "seed": args.seed,
+            "guidance_scale": args.guidance_scale,
+            "height": height,
+            "width": width,
+            "threshold": args.threshold,
+            "suggested_gate": suggested,
+            "gate": args.gate if args.gate is not None else suggested,
+            "prompts": prompts,
+            "layers": names,
+            "step_axis": list(range(1, args.steps)),
+            "timesteps": timesteps,
+            "curves": curves,
+            "mean": mean,
+        }
+        result = json_safe(result)  # a NaN change (a model that overflows) is recorded as null
+        write_json(stage / JSON_NAME, result)
+        plot(result, stage / PNG_NAME)
     print(f"{'step':>4}  {'mean change':>11}")
-    for step, value in zip(report["step_axis"], mean, strict=True):
+    for step, value in zip(result["step_axis"], mean, strict=True):
         print(f"{step:>4}  {value:>11.4f}{'  <' if value < args.threshold else ''}")
     if suggested is None:
         print(f"no suggestion: the mean change is still >= {args.threshold} at the last step")
     else:
         print(f"suggested gate: {suggested} (mean change < {args.threshold} from step {suggested} on)")
-    print(f"wrote {args.out / JSON_NAME} and {args.out / PNG_NAME}")
+    print(f"wrote {', '.join(map(str, report.paths))}")
     return 0
 
 

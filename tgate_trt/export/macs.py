@@ -7,17 +7,22 @@ shapes from ONNX shape inference (with data propagation) at one concrete batch a
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnx
 
 from .. import manifest as mf
+from ..contract import limits
+from ..contract.cli import Parser, command
 from ..contract.errors import UsageError
+from ..contract.files import atomic_write_json, check_output_file
+
+if TYPE_CHECKING:
+    import onnx
 
 
 @dataclass
@@ -62,15 +67,14 @@ def _fix_inputs(model: onnx.ModelProto, dims: dict[str, int]) -> None:
 def _weights_as_inputs(model: onnx.ModelProto, base_dir: str, small: int = 4096) -> None:
     """Turn large weights into graph inputs of the same shape: shape inference then never reads
     them, while small constants (which may feed shape arithmetic) keep their values."""
+    import onnx
     from onnx import helper
     from onnx.external_data_helper import load_external_data_for_tensor, uses_external_data
 
     keep = []
     for init in model.graph.initializer:
         if int(np.prod(init.dims)) > small:
-            model.graph.input.append(
-                helper.make_tensor_value_info(init.name, init.data_type, list(init.dims))
-            )
+            model.graph.input.append(helper.make_tensor_value_info(init.name, init.data_type, list(init.dims)))
             continue
         if uses_external_data(init):
             load_external_data_for_tensor(init, base_dir)
@@ -82,6 +86,7 @@ def _weights_as_inputs(model: onnx.ModelProto, base_dir: str, small: int = 4096)
 
 
 def count_graph(path: Path, dims: dict[str, int]) -> GraphMacs:
+    import onnx
     from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
 
     model = onnx.load(str(path), load_external_data=False)  # shapes only; weights stay on disk
@@ -161,6 +166,30 @@ class RunMacs:
         }
 
 
+def check_request(
+    root: Path,
+    steps: int = 25,
+    gate_step: int = 10,
+    batch: int = 1,
+    height: int | None = None,
+    width: int | None = None,
+    max_pixels: int | None = None,
+) -> RunMacs:
+    """Every check before a graph is read: the numbers, then the manifest and the image size it takes.
+    Returns the (empty) run with the export's default size filled in."""
+    limits.check_steps(steps, name="--steps")
+    limits.check_int("--gate", gate_step, 1, None, ": the cache comes from a step before the gate")
+    limits.check_int("--batch", batch, 1, limits.MAX_BATCH)
+    for name, value in (("--height", height), ("--width", width), ("--max-pixels", max_pixels)):
+        if value is not None:
+            limits.check_int(name, value, 1)
+    manifest = mf.Manifest.load(root, verify=False)
+    height = manifest.defaults["height"] if height is None else height
+    width = manifest.defaults["width"] if width is None else width
+    manifest.latent_size(height, width, max_pixels)
+    return RunMacs(steps, gate_step, batch, height, width)
+
+
 def pipeline_macs(
     root: Path,
     steps: int = 25,
@@ -168,13 +197,12 @@ def pipeline_macs(
     batch: int = 1,
     height: int | None = None,
     width: int | None = None,
+    max_pixels: int | None = None,
 ) -> RunMacs:
+    """MACs per graph call at one batch and image size (default: the export's), and per run."""
+    run = check_request(root, steps, gate_step, batch, height, width, max_pixels)
     manifest = mf.Manifest.load(root, verify=False)
-    mf.check_gate(steps, gate_step)
-    height = height or manifest.defaults["height"]
-    width = width or manifest.defaults["width"]
-    lat_h, lat_w = manifest.latent_size(height, width)
-    run = RunMacs(steps, gate_step, batch, height, width)
+    lat_h, lat_w = manifest.latent_size(run.height, run.width, max_pixels)
     for key, spec in manifest.graphs.items():
         run.per_call[key] = count_graph(root / spec.file, _dims(manifest, key, batch, lat_h, lat_w))
     return run
@@ -198,31 +226,36 @@ def format_report(run: RunMacs) -> str:
         "",
         f"UNet per run:     baseline {run.total(run.steps, unet) / t:.3f} T"
         f" -> T-GATE {run.total(run.gate_step, unet) / t:.3f} T",
-        f"pipeline per run: baseline {run.total(run.steps) / t:.3f} T"
-        f" -> T-GATE {run.total(run.gate_step) / t:.3f} T",
+        f"pipeline per run: baseline {run.total(run.steps) / t:.3f} T -> T-GATE {run.total(run.gate_step) / t:.3f} T",
         f"r = post/pre = {run.ratio:.4f};  UNet speed-up bound N/(g+(N-g)r) = {run.bound:.3f}x",
     ]
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="tgate-macs", description="Count MACs of an export's graphs per run.")
-    ap.add_argument("export_dir", type=Path)
-    ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--gate", type=int, default=10)
-    ap.add_argument("--batch", type=int, default=1)
-    ap.add_argument("--height", type=int)
-    ap.add_argument("--width", type=int)
-    ap.add_argument("--json", type=Path, help="write the counts here")
-    args = ap.parse_args(argv)
-    try:
-        run = pipeline_macs(args.export_dir, args.steps, args.gate, args.batch, args.height, args.width)
-    except (mf.ManifestError, ValueError) as exc:
-        print(f"tgate-macs: error: {exc}", file=sys.stderr)
-        return 2
+def build_parser() -> Parser:
+    ap = Parser(prog="tgate-macs", description="Count MACs of an export's graphs per run.")
+    ap.add_argument("export_dir", type=Path, help="folder written by tgate-export")
+    ap.add_argument("--steps", type=int, default=25, help=f"denoising steps, 1..{limits.MAX_STEPS}")
+    ap.add_argument("--gate", type=int, default=10, help="gate step (>= --steps: no gating)")
+    ap.add_argument("--batch", type=int, default=1, help=f"prompts per call, 1..{limits.MAX_BATCH}")
+    ap.add_argument("--height", type=int, help="image height (default: the export's)")
+    ap.add_argument("--width", type=int, help="image width (default: the export's)")
+    ap.add_argument("--max-pixels", type=int, help="cap on height*width (default: the export's, 4x its native size)")
+    ap.add_argument("--json", type=Path, metavar="FILE.json", help="write the counts here")
+    return ap
+
+
+@command("tgate-macs")
+def main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(argv)
+    if args.json is not None:
+        check_output_file(args.json, (".json",), "--json")
+    size = (args.height, args.width, args.max_pixels)
+    check_request(args.export_dir, args.steps, args.gate, args.batch, *size)
+    run = pipeline_macs(args.export_dir, args.steps, args.gate, args.batch, *size)
     print(format_report(run))
     if args.json:
-        mf.atomic_write_text(args.json, json.dumps(run.to_dict(), indent=2) + "\n")
+        atomic_write_json(args.json, run.to_dict())
     return 0
 
 

@@ -11,26 +11,30 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import multiprocessing as mp
 import platform
+import queue as queue_mod
 import resource
 import statistics
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 from .. import manifest as mf
+from ..contract import limits
+from ..contract.cli import Parser, command
 from ..contract.errors import UsageError
-from .bench_report import STAGES, VARIANTS, markdown, plot, targets
+from .bench_report import STAGES, VARIANTS, ReportFiles, json_safe, markdown, plot, targets, write_json
 from .bench_torch import TORCH_VARIANTS, torch_variant
 
 OV_BUILDS = {"g": "ov_build", "h": "ov_build", "h-int8w": "ov_int8w_build"}  # variant -> its build's argument
 OPENVINO_VARIANTS = ("f", *OV_BUILDS)
 BENCH_TOOLS = ("torch", "onnxruntime", "openvino", "optimum-intel", "tgate")  # versions in bench.json
+REPORT = ("bench.json", "bench.md", "bench.png")  # what --out receives; nothing else in it is touched
+MAX_RUNS = 1000
 
 
 def parse_variants(text: str) -> list[str]:
@@ -76,11 +80,13 @@ def _ours(kind: str, args: argparse.Namespace) -> Callable[[], dict[str, float]]
 
     if kind in OV_BUILDS:
         build = getattr(args, OV_BUILDS[kind])
-        pipe = TGatePipeline.from_export(args.export, backend="openvino", threads=args.threads, engines=build)
+        pipe = TGatePipeline.from_export(
+            args.export, backend="openvino", threads=args.threads, engines=build, max_pixels=args.max_pixels
+        )
     else:
         backend = "trt" if kind == "t" else "ort"
         export = args.int8_export if kind == "q" else args.export
-        pipe = TGatePipeline.from_export(export, backend=backend, threads=args.threads)
+        pipe = TGatePipeline.from_export(export, backend=backend, threads=args.threads, max_pixels=args.max_pixels)
     gate = args.steps if kind in ("c", "g") else args.gate
 
     def once() -> dict[str, float]:
@@ -153,11 +159,28 @@ def _worker(kind: str, args: argparse.Namespace, queue: Any) -> None:
 
 
 def _spawn(target: Callable[..., None], *args: Any) -> dict[str, Any]:
+    """``target``'s result from its own process; a process that dies without one is reported, and an
+    interrupted bench (Ctrl-C, SIGTERM) stops it rather than waiting for it."""
     ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=target, args=(*args, queue))
     proc.start()
-    result = queue.get()
+    try:
+        while True:
+            try:
+                result: dict[str, Any] = queue.get(timeout=1.0)
+                break
+            except queue_mod.Empty:
+                if not proc.is_alive():
+                    try:
+                        result = queue.get(timeout=1.0)
+                    except queue_mod.Empty:
+                        result = {"ok": False, "error": f"its process died with exit code {proc.exitcode}"}
+                    break
+    except BaseException:
+        proc.terminate()
+        proc.join()
+        raise
     proc.join()
     return result
 
@@ -172,6 +195,7 @@ def run_variant(kind: str, args: argparse.Namespace) -> dict[str, Any]:
             if not prepared["ok"]:
                 return {"variant": kind, **prepared}
             result = _spawn(_worker, kind, argparse.Namespace(**vars(args), peer=Path(prepared["path"])))
+    result = {"variant": kind, **result}
     if kind in OPENVINO_VARIANTS:
         result["precision"] = "int8w" if kind == "h-int8w" else args.ov_precision
     return result
@@ -215,8 +239,8 @@ def choose_variants(args: argparse.Namespace) -> list[str]:
     return names
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="tgate-bench", description=__doc__.splitlines()[0])
+def build_parser() -> Parser:
+    ap = Parser(prog="tgate-bench", description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="sd15")
     ap.add_argument(
         "--random-weights",
@@ -226,12 +250,15 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--export", type=Path, required=True, help="export folder of the same model (tgate-export)")
     ap.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
-    ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--gate", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=25, help=f"denoising steps, 1..{limits.MAX_STEPS}")
+    ap.add_argument("--gate", type=int, default=10, help="gate step (>= --steps: no gating)")
     ap.add_argument("--height", type=int, default=256)
     ap.add_argument("--width", type=int, default=256)
+    ap.add_argument(
+        "--max-pixels", type=int, help="cap on height*width for our rows (default: the export's, 4x its native size)"
+    )
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=3, help=f"timed runs per variant after a warm-up, 1..{MAX_RUNS}")
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: library default; OpenVINO: cores)")
     ap.add_argument(
         "--variants",
@@ -255,45 +282,92 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--ov-build", default="openvino", help="OpenVINO build folder inside --export for (g), (h)")
     ap.add_argument("--ov-int8w-build", default="openvino-int8w", help="int8w OpenVINO build for (h-int8w)")
-    ap.add_argument("--mac-ratio", type=float, help="r = post/pre-gate MACs per step (default: counted)")
+    ap.add_argument("--mac-ratio", type=float, help="r = post/pre-gate MACs per step, in (0, 1] (default: counted)")
     ap.add_argument("--int8-export", type=Path, help="tgate-quantize copy of --export, for variant (q)")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/cpu"))
-    args = ap.parse_args(argv)
-    try:
-        if args.runs < 1:
-            raise UsageError("--runs must be >= 1")
-        mf.check_gate(args.steps, args.gate)
-        manifest = mf.Manifest.load(args.export)
-        manifest.latent_size(args.height, args.width)
-        if args.ov_precision is None:
-            from .openvino_baseline import default_precision
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/cpu"), help=f"folder for {', '.join(REPORT)}")
+    ap.add_argument(
+        "--force",
+        action="store_true",
+        help=f"replace the {', '.join(REPORT)} of an earlier run (nothing else in --out)",
+    )
+    return ap
 
-            args.ov_precision = default_precision()
-        args.variants = choose_variants(args)
-    except (mf.ManifestError, ValueError) as exc:
-        print(f"tgate-bench: error: {exc}", file=sys.stderr)
-        return 2
-    results = []
-    for kind in args.variants:
-        print(f"[bench] ({kind}) {VARIANTS[kind]} ...", file=sys.stderr, flush=True)
-        results.append(run_variant(kind, args))
-    goals = targets(results, args)
-    table = markdown(results, goals)
-    meta = {
-        "date": time.strftime("%Y-%m-%d"),
-        "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {mp.cpu_count()} cores",
-        "command": "tgate-bench " + " ".join(argv if argv is not None else sys.argv[1:]),
-        "settings": {k: str(v) for k, v in vars(args).items()},
-        "tools": manifest.tools,  # the export's; then what the rows ran on
-        "bench_tools": {name: _version(name) for name in BENCH_TOOLS},
-    }
-    args.out.mkdir(parents=True, exist_ok=True)
-    report = {"meta": meta, "results": results, **({"targets": goals} if goals else {})}
-    mf.atomic_write_text(args.out / "bench.json", json.dumps(report, indent=2) + "\n")
-    mf.atomic_write_text(args.out / "bench.md", f"{table}\n")
-    title = f"{args.model} {args.width}x{args.height}, {args.steps} steps, gate {args.gate}"
-    plot(results, args.out / "bench.png", title)
+
+def check_args(args: argparse.Namespace) -> tuple[mf.Manifest, ReportFiles]:
+    """Everything that can be refused before a variant runs: numbers, names and paths first (milliseconds),
+    then the export's manifest, the variants' builds, and last the export's hashes."""
+    from .optimum_baseline import check_keep_folder
+
+    limits.check_steps(args.steps, name="--steps")
+    limits.check_int(
+        "--gate",
+        args.gate,
+        1,
+        None,
+        ": the cache comes from a step before the gate; use --gate >= --steps for no gating",
+    )
+    limits.check_int("--runs", args.runs, 1, MAX_RUNS)
+    limits.check_int("--seed", args.seed, 0, limits.SEED_MAX)
+    limits.check_int("--threads", args.threads, 0, None, " (0: the library's default)")
+    limits.check_int("--height", args.height, 1)
+    limits.check_int("--width", args.width, 1)
+    if args.max_pixels is not None:
+        limits.check_int("--max-pixels", args.max_pixels, 1)
+    if args.mac_ratio is not None:
+        limits.check_float("--mac-ratio", args.mac_ratio, 0.0, 1.0)
+        if args.mac_ratio == 0:
+            raise UsageError("--mac-ratio must be > 0 (post-gate MACs over pre-gate MACs per step)")
+    if not args.prompt.strip():
+        raise UsageError("--prompt is empty")
+    if args.variants is not None:
+        parse_variants(args.variants)
+    report = ReportFiles(
+        args.out,
+        REPORT,
+        "tgate-bench",
+        force=args.force,
+        sources=[args.export, args.int8_export, args.optimum_unet, args.optimum_intel_dir],
+        report_keys=("meta", "results"),
+    )
+    report.check()
+    check_keep_folder(args.optimum_unet, "--optimum-unet", [args.export, args.int8_export])
+    check_keep_folder(args.optimum_intel_dir, "--optimum-intel-dir", [args.export, args.int8_export])
+    manifest = mf.Manifest.load(args.export, verify=False)
+    manifest.latent_size(args.height, args.width, args.max_pixels)
+    if args.ov_precision is None:
+        from .openvino_baseline import default_precision
+
+        args.ov_precision = default_precision()
+    args.variants = choose_variants(args)
+    return mf.Manifest.load(args.export), report  # the hashes: every row reads these files
+
+
+@command("tgate-bench")
+def main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(argv)
+    manifest, report = check_args(args)
+    with report as stage:  # locked for the sitting; the files appear together at the end
+        results = []
+        for kind in args.variants:
+            print(f"[bench] ({kind}) {VARIANTS[kind]} ...", file=sys.stderr, flush=True)
+            results.append(run_variant(kind, args))
+        goals = targets(results, args)
+        table = markdown(results, goals)
+        meta = {
+            "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.machine()}, {platform.processor() or 'cpu'}, {mp.cpu_count()} cores",
+            "command": "tgate-bench " + " ".join(argv),
+            "settings": {k: str(v) for k, v in vars(args).items() if k != "debug"},
+            "tools": manifest.tools,  # the export's; then what the rows ran on
+            "bench_tools": {name: _version(name) for name in BENCH_TOOLS},
+        }
+        data = {"meta": meta, "results": results, **({"targets": goals} if goals else {})}
+        write_json(stage / "bench.json", json_safe(data))  # a row's NaN is recorded as null, not invalid JSON
+        (stage / "bench.md").write_text(f"{table}\n")
+        title = f"{args.model} {args.width}x{args.height}, {args.steps} steps, gate {args.gate}"
+        plot(results, stage / "bench.png", title)
     print(table)
+    print(f"wrote {', '.join(map(str, report.paths))}", file=sys.stderr)
     return 0
 
 

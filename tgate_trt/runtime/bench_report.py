@@ -1,15 +1,28 @@
 """``tgate-bench``'s report: the table, the targets section (speed-ups and step-time ratios) and the plot.
 
 Kept apart from the runner so that what is claimed from a sitting can be read (and tested) on its own.
+It also holds :class:`ReportFiles`, how the report tools (``tgate-bench``, ``tgate-eval``,
+``tgate-analyze``) publish their few named files into a folder that may hold other things.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Iterable
 from pathlib import Path
+from types import TracebackType
 from typing import Any
 
 from .. import manifest as mf
+from ..contract.errors import OutputError
 
 VARIANTS = {
     "a": "diffusers PyTorch (no gate)",
@@ -29,6 +42,193 @@ STAGES = ("text_encoder", "pregate", "postgate", "vae_decoder", "total")
 TARGETS = (("f", 1.35), ("b16", 1.5), ("c", 4.0))  # (h) must be this many times faster than each
 SD15_MAC_RATIO = 0.4716  # r of SD-1.5 at 256x256, when the graphs can't be counted
 STEP_RATIO_TOLERANCE = 0.05
+
+
+class ReportFiles:
+    """``with ReportFiles(out, names, ...) as stage:`` write each of ``names`` into ``stage``; at the end they
+    replace ``out/<name>`` together; nothing else in ``out`` is touched.
+
+    A report folder is shared: ``benchmarks/quality`` keeps earlier sittings in subfolders beside
+    ``eval.json``, ``benchmarks/analyze-shapes`` holds the prompt file its report was made from. So the
+    tool owns its files, not the folder: :meth:`check` (call it before any expensive work) refuses a
+    destination that can't be written, a folder inside a source the command reads, an output that is a
+    source, and report files of an earlier run unless ``force`` (then only if the JSON is one of ours).
+    The ``with`` block holds a lock for the whole run (a second writer fails at once), removes the staging
+    folders of killed runs, stages the files and renames them into place only when all are written.
+    """
+
+    def __init__(
+        self,
+        out: str | os.PathLike[str],
+        names: Iterable[str],
+        tool: str,
+        force: bool = False,
+        sources: Iterable[str | os.PathLike[str] | None] = (),
+        report_keys: Iterable[str] = (),
+        option: str = "--out",
+    ) -> None:
+        self.given = Path(out)
+        self.folder = Path(os.path.abspath(self.given.expanduser()))
+        self.names = tuple(names)
+        self.tool, self.force, self.option = tool, force, option
+        self.sources = [Path(s).expanduser().resolve() for s in sources if s is not None]
+        self.report_keys = tuple(report_keys)  # what the JSON among ``names`` holds when it is ours
+        self._lock: int | None = None
+        self._stage: Path | None = None
+        self._made: list[Path] = []
+
+    @property
+    def lock_path(self) -> Path:
+        return self.folder / f".{self.tool}.lock"
+
+    def _ours(self, path: Path) -> bool:
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError):
+            return False
+        return isinstance(data, dict) and all(k in data for k in self.report_keys)
+
+    def check(self) -> None:
+        opt, given = self.option, self.given
+        folder = self.folder
+        if folder.exists() and not folder.is_dir():
+            raise OutputError(f"{opt} {given} exists and is not a folder: choose a folder for the report")
+        ancestor = folder
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise OutputError(f"{opt} {given} lies under {ancestor}, which is a file, not a folder")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise OutputError(f"{opt}: {ancestor} is not writable; choose another location")
+        real = folder.resolve()
+        for src in self.sources:
+            if src.is_dir() and (real == src or src in real.parents):
+                raise OutputError(
+                    f"{opt} {given} is or lies inside {src}, which this command reads: choose a folder outside it"
+                )
+            if src in {(real / n) for n in self.names}:
+                raise OutputError(f"{opt} {given} would overwrite {src}, which this command reads")
+        existing = [n for n in self.names if os.path.lexists(folder / n)]
+        for name in existing:
+            if (folder / name).is_dir():
+                raise OutputError(f"{opt} {given} holds a folder named {name}, where the report goes: move it")
+        if existing and not self.force:
+            raise OutputError(
+                f"{opt} {given} already holds {', '.join(existing)} from an earlier run: pass --force to replace "
+                f"{', '.join(self.names)} (nothing else in it), or choose another {opt}"
+            )
+        if existing:
+            report = next((n for n in self.names if n.endswith(".json")), None)
+            if report is not None and not self._ours(folder / report):
+                raise OutputError(
+                    f"{opt} {given} holds {', '.join(existing)} but no {report} of {self.tool}: "
+                    "--force only replaces an earlier report; choose another folder"
+                )
+            for name in existing:
+                if not os.access(folder / name, os.W_OK):
+                    raise OutputError(f"{opt}: {folder / name} is read-only: it can't be replaced")
+
+    # --- the lock, the stage and the swap -----------------------------------------------------------
+    def _acquire(self) -> None:
+        path = self.lock_path
+        while True:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+                os.close(fd)
+                raise OutputError(
+                    f"another {self.tool} (pid {owner}) is writing its report into {self.given}: wait for it "
+                    f"to finish, or choose another {self.option}"
+                ) from None
+            try:
+                same = os.path.samestat(os.fstat(fd), os.stat(path))
+            except FileNotFoundError:
+                same = False
+            if same:  # not a lock file its previous owner unlinked while we waited
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+                self._lock = fd
+                return
+            os.close(fd)
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self.lock_path.unlink(missing_ok=True)
+            os.close(self._lock)
+            self._lock = None
+
+    def _remove_made(self) -> None:
+        """The folders this run created, if nothing else went into them."""
+        for folder in reversed(self._made):
+            with contextlib.suppress(OSError):
+                folder.rmdir()
+
+    def __enter__(self) -> Path:
+        self.check()
+        missing = []
+        probe = self.folder
+        while not probe.exists():
+            missing.append(probe)
+            probe = probe.parent
+        try:
+            self.folder.mkdir(parents=True, exist_ok=True)
+            self._made = list(reversed(missing))
+            self._acquire()
+            try:
+                self.check()  # again under the lock: another writer may have published meanwhile
+                for stale in self.folder.glob(f".{self.tool}.tmp-*"):
+                    shutil.rmtree(stale, ignore_errors=True)
+                    print(f"removed {stale}, left by an interrupted run", file=sys.stderr)
+                self._stage = Path(tempfile.mkdtemp(prefix=f".{self.tool}.tmp-", dir=self.folder))
+            except BaseException:
+                self._release()
+                raise
+        except OSError as exc:  # a read-only mount, a full disk: what the mode bits didn't tell
+            self._remove_made()
+            raise OutputError(f"{self.option} {self.given} can't be written: {exc.strerror or exc}") from exc
+        except BaseException:
+            self._remove_made()
+            raise
+        return self._stage
+
+    def __exit__(self, kind: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
+        stage = self._stage
+        assert stage is not None
+        try:
+            if kind is None:
+                missing = [n for n in self.names if not (stage / n).is_file()]
+                if missing:
+                    raise RuntimeError(f"{self.tool} did not write {', '.join(missing)}")
+                for name in self.names:
+                    os.chmod(stage / name, 0o644)
+                    os.replace(stage / name, self.folder / name)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
+            self._release()
+            if kind is not None:
+                self._remove_made()
+
+    @property
+    def paths(self) -> list[Path]:
+        return [self.folder / n for n in self.names]
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every NaN or infinity as ``None``: what a report records is valid JSON."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    return value
+
+
+def write_json(path: Path, data: Any) -> None:
+    """``data`` as JSON (refusing NaN and infinity, which are not JSON)."""
+    path.write_text(json.dumps(data, indent=2, allow_nan=False) + "\n")
 
 
 def _label(r: dict[str, Any]) -> str:
@@ -112,6 +312,13 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
 
     ok = [r for r in results if r["ok"]]
     fig, ax = plt.subplots(figsize=(9, 0.6 * len(ok) + 1.5))
+    if not ok:  # the table says why each row did not run
+        ax.text(0.5, 0.5, "no variant ran (see bench.md)", ha="center", va="center")
+        ax.set_axis_off()
+        ax.set_title(title)
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return
     labels = [_label(r) for r in ok]
     left = [0.0] * len(ok)
     for stage in STAGES[:-1]:
@@ -126,6 +333,5 @@ def plot(results: list[dict[str, Any]], path: Path, title: str) -> None:
     ax.set_xlim(0, max(r["median"]["total"] for r in ok) * 1.15)  # room for the totals
     fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.07, 1, 1))  # the legend sits below the axes, clear of the bars
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=120)
-    tmp.replace(path)
+    fig.savefig(path, dpi=120)  # into the report's stage (ReportFiles), or with atomic_save
+    plt.close(fig)

@@ -10,22 +10,29 @@ price of each setting. Writes ``eval.json``, ``eval.md`` and a PNG grid (baselin
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-from tqdm.auto import tqdm
 
 from .. import manifest as mf
+from ..contract import limits
+from ..contract.cli import Parser, command
+from ..contract.errors import UsageError
 from ..export.shapes import data
 from ..export.shapes.judge import accuracy
-from .pipeline import TGatePipeline
+from .bench_report import ReportFiles, write_json
+
+if TYPE_CHECKING:
+    from .pipeline import TGatePipeline
 
 DEFAULT_GATES = (2, 3, 5, 8, 10, 15)
+MAX_SEEDS_PER_PROMPT = 100  # 7,500 images per run, every run's kept in memory for the grid
+REPORT = ("eval.json", "eval.md", "grid.png")  # what --out receives; nothing else in it is touched
 
 
 def generate(
@@ -58,8 +65,11 @@ def evaluate(
     batch: int = 25,
 ) -> tuple[list[dict[str, Any]], dict[int, list[np.ndarray]], list[tuple[str, int, data.Spec]]]:
     """Rows of the quality table (baseline first) and every image, keyed by gate (``steps`` = no gate)."""
-    for g in gates:
-        mf.check_gate(steps, g)
+    from tqdm.auto import tqdm
+
+    check_gates(steps, gates)
+    limits.check_int("seeds_per_prompt", seeds_per_prompt, 1, MAX_SEEDS_PER_PROMPT)
+    limits.check_batch(batch)
     items = data.prompt_set(seeds_per_prompt)
     prompts, seeds, specs = [p for p, _, _ in items], [s for _, s, _ in items], [sp for _, _, sp in items]
     images: dict[int, list[np.ndarray]] = {}
@@ -123,73 +133,125 @@ def grid(
                 ax.set_ylabel(items[idx][0].removeprefix("a "), fontsize=7, rotation=0, ha="right", va="center")
     fig.suptitle(f"T-GATE on shapes: {steps} steps, gate step per column", fontsize=10)
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=110)
+    fig.savefig(path, dpi=110)  # into the report's stage (ReportFiles), or with atomic_save
     plt.close(fig)
-    tmp.replace(path)
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="tgate-eval", description=__doc__.splitlines()[0])
+def check_gates(steps: int, gates: Sequence[int]) -> tuple[int, ...]:
+    """Gate steps below ``steps``, each once: the no-gate run (gate >= steps) is always the table's first row."""
+    limits.check_steps(steps, name="--steps")
+    if not gates:
+        raise UsageError("--gates is empty: name gate steps, e.g. 5,10")
+    for g in gates:
+        limits.check_int(
+            "--gates", g, 1, steps - 1, f": a gate >= --steps ({steps}) is the no-gate run, which is always included"
+        )
+    if len(set(gates)) != len(gates):
+        raise UsageError(f"--gates names a gate twice: {','.join(map(str, gates))}")
+    return tuple(gates)
+
+
+def parse_gates(text: str, steps: int) -> tuple[int, ...]:
+    parts = [p.strip() for p in text.split(",")]
+    try:
+        gates = tuple(int(p) for p in parts)
+    except ValueError:
+        raise UsageError(f"--gates takes comma-separated integers, e.g. 5,10; got {text!r}") from None
+    return check_gates(steps, gates)
+
+
+def build_parser() -> Parser:
+    ap = Parser(prog="tgate-eval", description=__doc__.splitlines()[0])
     ap.add_argument("--export", type=Path, help="export folder of the shapes model (default: export it to OUT/export)")
     ap.add_argument("--gates", default=",".join(map(str, DEFAULT_GATES)), help="comma-separated gate steps")
-    ap.add_argument("--steps", type=int, default=25)
+    ap.add_argument("--steps", type=int, default=25, help=f"denoising steps, 2..{limits.MAX_STEPS}")
     ap.add_argument("--guidance", type=float, help="guidance scale (default: the export's)")
-    ap.add_argument("--seeds-per-prompt", type=int, default=2, help="75 prompts x this many seeds")
-    ap.add_argument("--batch", type=int, default=25)
-    ap.add_argument("--threads", type=int, default=0)
-    ap.add_argument("--backend", default="ort", choices=("ort", "openvino"), help="runtime backend (default: ort)")
+    ap.add_argument(
+        "--seeds-per-prompt", type=int, default=2, help=f"75 prompts x this many seeds, 1..{MAX_SEEDS_PER_PROMPT}"
+    )
+    ap.add_argument("--batch", type=int, default=25, help=f"images per pipeline call, 1..{limits.MAX_BATCH}")
+    ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: the backend's choice)")
+    ap.add_argument("--backend", default="ort", choices=("ort", "openvino"), help="runtime backend")
     ap.add_argument("--engines", default=None, help="with --backend openvino: build folder (default: openvino)")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/quality"))
-    args = ap.parse_args(argv)
-    try:
-        gates = tuple(int(g) for g in args.gates.split(","))
-        for g in gates:
-            mf.check_gate(args.steps, g)
-    except ValueError as exc:
-        ap.error(f"--gates: {exc}")
-    if args.export is not None and not (args.export / mf.MANIFEST_NAME).is_file():
-        ap.error(f"{args.export} is not an export folder (no {mf.MANIFEST_NAME}); run tgate-export --model shapes")
-    args.out.mkdir(parents=True, exist_ok=True)
-    export = args.export
-    if export is None:
-        from ..export.exporter import ExportRequest, run_export
+    ap.add_argument("--out", type=Path, default=Path("benchmarks/quality"), help=f"folder for {', '.join(REPORT)}")
+    ap.add_argument(
+        "--force",
+        action="store_true",
+        help=f"replace the {', '.join(REPORT)} of an earlier run (nothing else in --out)",
+    )
+    return ap
 
-        export = args.out / "export"
-        if not (export / mf.MANIFEST_NAME).is_file():
-            run_export(ExportRequest("shapes", export))
-    try:
+
+def check_args(args: argparse.Namespace) -> tuple[tuple[int, ...], ReportFiles]:
+    """Everything that can be refused before an export is made or loaded."""
+    gates = parse_gates(args.gates, args.steps)
+    if args.guidance is not None:
+        limits.check_float("--guidance", args.guidance, 0.0, limits.GUIDANCE_MAX)
+    limits.check_int("--seeds-per-prompt", args.seeds_per_prompt, 1, MAX_SEEDS_PER_PROMPT)
+    limits.check_int("--batch", args.batch, 1, limits.MAX_BATCH)
+    limits.check_int("--threads", args.threads, 0, None, " (0: the backend's choice)")
+    if args.engines is not None and args.backend != "openvino":
+        raise UsageError("--engines names an OpenVINO build: use it with --backend openvino")
+    report = ReportFiles(args.out, REPORT, "tgate-eval", force=args.force, sources=[args.export], report_keys=("rows",))
+    report.check()
+    if args.export is not None:
+        if not (args.export / mf.MANIFEST_NAME).is_file():
+            raise UsageError(
+                f"{args.export} is not an export folder (no {mf.MANIFEST_NAME}); run tgate-export --model shapes"
+            )
+        mf.Manifest.load(args.export, verify=False)  # the schema; the pipeline checks the hashes
+    elif (args.out / "export" / mf.MANIFEST_NAME).is_file():
+        mf.Manifest.load(args.out / "export", verify=False)
+    else:
+        from ..export.exporter import ExportRequest, check_request
+
+        check_request(ExportRequest("shapes", args.out / "export"))
+    return gates, report
+
+
+@command("tgate-eval")
+def main(argv: Sequence[str]) -> int:
+    args = build_parser().parse_args(argv)
+    gates, report = check_args(args)
+    with report as stage:  # locked for the run; the three files appear together at the end
+        export = args.export
+        if export is None:
+            export = args.out / "export"
+            if not (export / mf.MANIFEST_NAME).is_file():
+                from ..export.exporter import ExportRequest, run_export
+
+                run_export(ExportRequest("shapes", export))  # kept: the next run reuses it
+        from .pipeline import TGatePipeline
+
         pipe = TGatePipeline.from_export(export, backend=args.backend, threads=args.threads, engines=args.engines)
-    except (mf.ManifestError, RuntimeError) as exc:
-        ap.error(str(exc))
-    words = data.vocabulary()
-    if any(len(pipe.tokenizer(w).input_ids) != 3 for w in words):  # start, word, end
-        ap.error(
-            f"{export} is not a shapes model (its tokenizer lacks the caption words); the judge only knows "
-            "shapes images: export with tgate-export --model shapes"
-        )
-    builds = pipe.manifest.extra.get("engines", {})
-    build = builds.get(args.engines or "openvino") if args.backend == "openvino" else None
-    rows, images, items = evaluate(pipe, gates, args.steps, args.guidance, args.seeds_per_prompt, args.batch)
-    guidance = args.guidance if args.guidance is not None else pipe.manifest.defaults["guidance_scale"]
-    table = markdown(rows, len(items), args.steps, guidance)
+        words = data.vocabulary()
+        if any(len(pipe.tokenizer(w).input_ids) != 3 for w in words):  # start, word, end
+            raise UsageError(
+                f"{export} is not a shapes model (its tokenizer lacks the caption words); the judge only knows "
+                "shapes images: export with tgate-export --model shapes"
+            )
+        builds = pipe.manifest.extra.get("engines", {})
+        build = builds.get(args.engines or "openvino") if args.backend == "openvino" else None
+        rows, images, items = evaluate(pipe, gates, args.steps, args.guidance, args.seeds_per_prompt, args.batch)
+        guidance = args.guidance if args.guidance is not None else pipe.manifest.defaults["guidance_scale"]
+        table = markdown(rows, len(items), args.steps, guidance)
+        result = {
+            "date": time.strftime("%Y-%m-%d"),
+            "command": " ".join(["tgate-eval", *argv]),
+            "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
+            "export": str(export),
+            "backend": args.backend,
+            **({k: build.get(k) for k in ("precision", "openvino", "device")} if build else {}),
+            "steps": args.steps,
+            "guidance": guidance,
+            "prompts": len(items),
+            "rows": rows,
+        }
+        write_json(stage / "eval.json", result)
+        (stage / "eval.md").write_text(table)
+        grid(images, items, args.steps, stage / "grid.png")
     print(table)
-    report = {
-        "date": time.strftime("%Y-%m-%d"),
-        "command": " ".join(["tgate-eval", *(sys.argv[1:] if argv is None else argv)]),
-        "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
-        "export": str(export),
-        "backend": args.backend,
-        **({k: build.get(k) for k in ("precision", "openvino", "device")} if build else {}),
-        "steps": args.steps,
-        "guidance": guidance,
-        "prompts": len(items),
-        "rows": rows,
-    }
-    mf.atomic_write_text(args.out / "eval.json", json.dumps(report, indent=1) + "\n")
-    mf.atomic_write_text(args.out / "eval.md", table)
-    grid(images, items, args.steps, args.out / "grid.png")
-    print(f"wrote {args.out / 'eval.json'}, {args.out / 'eval.md'}, {args.out / 'grid.png'}")
+    print(f"wrote {', '.join(map(str, report.paths))}")
     return 0
 
 

@@ -13,14 +13,22 @@ our pipeline draws from the same seed (tested), so beside ours it measures the s
 from __future__ import annotations
 
 import json
-import tempfile
+import shutil
 from pathlib import Path
 from typing import Any
 
 from .. import manifest as mf
 from ..contract.errors import UsageError
+from ..contract.files import OutputDir
 from ..engines.openvino import compile_config
-from .optimum_baseline import SOURCE_NAME, OptimumBaselineError, check_export, generate, stage_timer
+from .optimum_baseline import (
+    SOURCE_NAME,
+    OptimumBaselineError,
+    check_export,
+    check_keep_folder,
+    generate,
+    stage_timer,
+)
 
 __all__ = [
     "PIPELINE",
@@ -64,7 +72,8 @@ def export_pipeline(model: str, random_weights: bool, folder: Path) -> Path:
 
     A folder from an earlier run is reused only if it was exported from the same model by the same
     optimum-intel; anything else in the way is refused, never overwritten. The export is published
-    only when complete, so an interrupted one leaves nothing that looks finished.
+    only when complete (the next run removes an interrupted one's temp folder), so nothing half-written
+    looks finished.
     """
     source = _source(model, random_weights)
     if (folder / SOURCE_NAME).is_file():
@@ -74,13 +83,13 @@ def export_pipeline(model: str, random_weights: bool, folder: Path) -> Path:
                 f"{folder} holds a pipeline exported from {recorded}, not {source}: pass another folder or delete it"
             )
         return folder
-    if folder.exists() and any(folder.iterdir()):
-        raise OptimumBaselineError(f"{folder} is not empty and not an OpenVINO pipeline folder: pass a new folder")
+    check_keep_folder(folder, "the OpenVINO pipeline's folder")
     from optimum.intel import OVStableDiffusionPipeline
 
     from ..export.models import resolve_model
 
-    with mf.staged_dir(folder) as tmp, tempfile.TemporaryDirectory(prefix=".source-", dir=tmp.parent) as src:
+    with OutputDir(folder) as tmp:  # the diffusers copy is staged inside: a killed run's is removed with it
+        src = tmp / ".source"
         pipe = resolve_model(model, random_weights).pipe
         pipe.save_pretrained(src)
         del pipe
@@ -89,6 +98,7 @@ def export_pipeline(model: str, random_weights: bool, folder: Path) -> Path:
         )
         ov_pipe.save_pretrained(tmp)
         del ov_pipe
+        shutil.rmtree(src)
         (tmp / SOURCE_NAME).write_text(json.dumps(source) + "\n")
     return folder
 

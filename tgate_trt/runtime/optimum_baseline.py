@@ -10,15 +10,15 @@ the standard deployment's cost, and T-GATE's saving over it.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
 from .. import manifest as mf
-from ..contract.errors import UserError
+from ..contract.errors import OutputError, UserError
+from ..contract.files import OutputDir
 
 SOURCE_NAME = "source.json"  # what the plain UNet was exported from, so a reused folder can be checked
 
@@ -37,35 +37,55 @@ def check_export(manifest: mf.Manifest, pipeline: str = "optimum's ORTStableDiff
         )
 
 
+def check_keep_folder(folder: Path | None, option: str, sources: Iterable[str | os.PathLike[str] | None] = ()) -> None:
+    """A folder a baseline is exported into and kept (``--optimum-unet``, ``--optimum-intel-dir``): one an
+    earlier run made (it holds ``source.json``; what it was made from is checked when it is read), or a
+    new or empty folder in a writable place, outside what the command reads."""
+    if folder is None:
+        return
+    for src in sources:
+        if src is not None and Path(src).is_dir():
+            real, src = folder.resolve(), Path(src).resolve()
+            if real == src or src in real.parents or real in src.parents:
+                raise OutputError(
+                    f"{option} {folder} is, contains or lies inside {src}, which this command reads: "
+                    "choose a folder outside it"
+                )
+    if (folder / SOURCE_NAME).is_file():
+        return
+    if folder.is_dir() and any(folder.iterdir()):
+        raise OutputError(
+            f"{option} {folder} is not empty and holds no {SOURCE_NAME} of an earlier baseline export: "
+            "pass a new folder"
+        )
+    OutputDir(folder, option=option).check()
+
+
 def plain_unet(model: str, random_weights: bool, folder: Path, opset: int = 18) -> Path:
     """``folder/unet/model.onnx``: optimum's standard UNet for ``model``, exported once and reused.
 
-    A folder left by an earlier run is reused only if it was exported from the same model; the export
-    goes to a temp folder first, so an interrupted one leaves nothing that looks finished.
+    A folder left by an earlier run is reused only if it was exported from the same model; anything else
+    in the way is refused, never overwritten. The export is published only when complete (and the temp
+    folder of an interrupted one is removed by the next), so nothing half-written looks finished.
     """
     from ..export.graphs import ExportOptions, export_plain_unet
     from ..export.models import resolve_model
 
     source = {"model": model, "random_weights": random_weights, "opset": opset}
     target = folder / mf.UNET / "model.onnx"
-    if target.is_file():
-        recorded = json.loads((folder / SOURCE_NAME).read_text()) if (folder / SOURCE_NAME).is_file() else None
-        if recorded != source:
+    if (folder / SOURCE_NAME).is_file():
+        recorded = json.loads((folder / SOURCE_NAME).read_text())
+        if recorded != source or not target.is_file():
             raise OptimumBaselineError(
                 f"{folder} holds a UNet exported from {recorded}, not {source}: pass another folder or delete it"
             )
         return target
-    folder.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".unet-", dir=folder))
-    try:
+    check_keep_folder(folder, "the plain UNet's folder")
+    with OutputDir(folder) as tmp:
         pipe = resolve_model(model, random_weights).pipe
         export_plain_unet(pipe, tmp, ExportOptions(opset=opset))
         del pipe
         (tmp / SOURCE_NAME).write_text(json.dumps(source) + "\n")
-        (tmp / mf.UNET).rename(folder / mf.UNET)
-        (tmp / SOURCE_NAME).rename(folder / SOURCE_NAME)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return target
 
 

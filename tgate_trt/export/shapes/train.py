@@ -13,9 +13,10 @@ import copy
 import json
 import math
 import os
-import shutil
+import shlex
+import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -25,8 +26,12 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from ...contract import limits
+from ...contract.cli import Parser, command
+from ...contract.errors import OutputError, UsageError
+from ...contract.files import MARKER, OutputDir, atomic_save, atomic_write_json, is_ours
 from ..models import SD_SCHEDULER
-from . import data
+from . import WEIGHTS, WEIGHTS_RECORD, data
 from .tokenizer import MAX_LENGTH, word_tokenizer
 
 VAE_CONFIG: dict[str, Any] = {
@@ -118,9 +123,19 @@ def _lr(stage: Stage, step: int) -> float:
 
 
 def _save(obj: dict[str, Any], path: Path) -> None:
-    tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    atomic_save(path, lambda tmp: torch.save(obj, tmp))
+
+
+CHECKPOINTS = ("vae", "text", "unet")
+
+
+def _remove_stale(work: Path) -> None:
+    """Temp files of checkpoints a killed run was writing (``atomic_save``'s, and the older ``<stage>.tmp``)."""
+    for name in (*CHECKPOINTS, "config"):
+        for stale in [*work.glob(f".{name}.tmp-*"), work / f"{name}.tmp"]:
+            if stale.is_file():
+                stale.unlink()
+                print(f"removed {stale}, left by an interrupted run", file=sys.stderr)
 
 
 class Interrupted(RuntimeError):
@@ -318,51 +333,119 @@ def train_unet(cfg: TrainConfig, work: Path, vae: Any, text_encoder: Any, tokeni
     return loop.run(loss_fn, budget), loop.seconds
 
 
-def train(out: Path, work: Path, cfg: TrainConfig, command: str = "", dtype: torch.dtype = torch.float16) -> Path:
-    """Run the three stages (resuming from ``work``) and save the pipeline into ``out`` atomically."""
+class WeightsDir(OutputDir):
+    """Where a trained pipeline is published (:class:`OutputDir`: staged, locked, swapped in when complete).
+
+    The pipeline folder carries no marker (the package ships none, and ``verify()`` would count one as a
+    file), so its weights record is what makes it an earlier training output that ``force`` may replace.
+    The package's own weights are replaced only with ``overwrite_shipped``; nothing may contain or lie
+    inside them, or overlap the checkpoint folder.
+    """
+
+    def __init__(
+        self,
+        out: str | os.PathLike[str],
+        force: bool = False,
+        sources: Iterable[str | os.PathLike[str] | None] = (),
+        overwrite_shipped: bool = False,
+    ) -> None:
+        super().__init__(out, force=force or overwrite_shipped, sources=sources)
+        self.overwrite_shipped = overwrite_shipped
+
+    def check(self) -> None:
+        real, shipped = self.out.resolve(), WEIGHTS.resolve()
+        if real == shipped and not self.overwrite_shipped:
+            raise OutputError(
+                f"--out {self.given} is the package's shipped shapes weights: pass --overwrite-shipped to "
+                "replace them, or choose another --out"
+            )
+        if real != shipped and (shipped in real.parents or real in shipped.parents):
+            raise OutputError(
+                f"--out {self.given} contains or lies inside the package's shipped weights ({shipped}): "
+                "choose another --out"
+            )
+        for src in self.sources:
+            if shipped == src or shipped in src.parents or src in shipped.parents:
+                raise OutputError(f"--work {src} overlaps the package's shipped weights: choose another --work")
+        earlier = self.out.is_dir() and (self.out / WEIGHTS_RECORD).is_file() and not is_ours(self.out)
+        if not (earlier and self.force):
+            super().check()
+            return
+        # an earlier training output, with --force: OutputDir's checks but the marker's
+        cwd = Path.cwd().resolve()
+        if real == cwd or real in cwd.parents:
+            raise OutputError(f"--out {self.given} is or contains the current folder: choose another --out")
+        for src in self.sources:
+            if real == src or src in real.parents or real in src.parents:
+                raise OutputError(f"--out {self.given} overlaps --work {src}: keep checkpoints outside the output")
+        if not os.access(real, os.W_OK | os.X_OK) or not os.access(real.parent, os.W_OK | os.X_OK):
+            raise OutputError(f"--out {self.given} (or its folder) is read-only: it can't be replaced")
+
+
+def check_output(out: Path, work: Path, force: bool = False, overwrite_shipped: bool = False) -> WeightsDir:
+    """The output and checkpoint folders, checked before anything is trained."""
+    if work.exists() and not work.is_dir():
+        raise OutputError(f"--work {work} is a file: pass a folder for the checkpoints")
+    target = WeightsDir(out, force=force, sources=[work], overwrite_shipped=overwrite_shipped)
+    target.check()
+    return target
+
+
+def train(
+    out: Path,
+    work: Path,
+    cfg: TrainConfig,
+    command: str = "",
+    dtype: torch.dtype = torch.float16,
+    force: bool = False,
+    overwrite_shipped: bool = False,
+) -> Path:
+    """Run the three stages (resuming from ``work``) and publish the pipeline as ``out`` when complete.
+
+    ``out`` may replace an earlier training output only with ``force``, the package's shipped weights
+    only with ``overwrite_shipped``; anything else in the way is refused before training starts.
+    """
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from . import WEIGHTS_RECORD, record_hashes
+    from . import record_hashes
 
-    work.mkdir(parents=True, exist_ok=True)
-    (work / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
-    tokenizer = word_tokenizer(work / "tokenizer", data.vocabulary())
-    start = time.perf_counter()
-    budget = [cfg.stop_after if cfg.stop_after else -1]
-    vae, vae_s = train_vae(cfg, work, budget)
-    text_encoder, text_s = train_text(cfg, work, vae, tokenizer, budget)
-    unet, unet_s = train_unet(cfg, work, vae, text_encoder, tokenizer, budget)
-    pipe = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=text_encoder,
-        tokenizer=tokenizer,
-        unet=unet.eval(),
-        scheduler=DDIMScheduler.from_config(SCHEDULER_CONFIG),
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    tmp = out.with_name(out.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    pipe.to(dtype).save_pretrained(tmp, safe_serialization=True)
-    record = {
-        "command": command,
-        "dtype": str(dtype).removeprefix("torch."),
-        "train_seconds": {"vae": round(vae_s, 1), "text_encoder": round(text_s, 1), "unet": round(unet_s, 1)},
-        "wall_seconds_this_run": round(time.perf_counter() - start, 1),
-        "torch_threads": torch.get_num_threads(),
-        "config": asdict(cfg),
-        "parameters": {
-            "vae": sum(p.numel() for p in vae.parameters()),
-            "text_encoder": sum(p.numel() for p in text_encoder.parameters()),
-            "unet": sum(p.numel() for p in unet.parameters()),
-        },
-        "files": record_hashes(tmp),
-    }
-    (tmp / WEIGHTS_RECORD).write_text(json.dumps(record, indent=1) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    os.replace(tmp, out)
+    with check_output(out, work, force, overwrite_shipped) as tmp:  # locked while training
+        work.mkdir(parents=True, exist_ok=True)
+        _remove_stale(work)
+        atomic_write_json(work / "config.json", asdict(cfg), indent=1)
+        tokenizer = word_tokenizer(work / "tokenizer", data.vocabulary())
+        start = time.perf_counter()
+        budget = [cfg.stop_after if cfg.stop_after else -1]
+        vae, vae_s = train_vae(cfg, work, budget)
+        text_encoder, text_s = train_text(cfg, work, vae, tokenizer, budget)
+        unet, unet_s = train_unet(cfg, work, vae, text_encoder, tokenizer, budget)
+        pipe = StableDiffusionPipeline(
+            vae=vae,
+            text_encoder=text_encoder,
+            tokenizer=tokenizer,
+            unet=unet.eval(),
+            scheduler=DDIMScheduler.from_config(SCHEDULER_CONFIG),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+        pipe.to(dtype).save_pretrained(tmp, safe_serialization=True)
+        (tmp / MARKER).unlink()  # not shipped with the package, so not part of the record
+        record = {
+            "command": command,
+            "dtype": str(dtype).removeprefix("torch."),
+            "train_seconds": {"vae": round(vae_s, 1), "text_encoder": round(text_s, 1), "unet": round(unet_s, 1)},
+            "wall_seconds_this_run": round(time.perf_counter() - start, 1),
+            "torch_threads": torch.get_num_threads(),
+            "config": asdict(cfg),
+            "parameters": {
+                "vae": sum(p.numel() for p in vae.parameters()),
+                "text_encoder": sum(p.numel() for p in text_encoder.parameters()),
+                "unet": sum(p.numel() for p in unet.parameters()),
+            },
+            "files": record_hashes(tmp),
+        }
+        (tmp / WEIGHTS_RECORD).write_text(json.dumps(record, indent=1, allow_nan=False) + "\n")
     return out
 
 
@@ -374,3 +457,71 @@ def config_with(cfg: TrainConfig, **steps: int) -> TrainConfig:
 def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
+
+
+def build_parser(prog: str = "train_shapes") -> Parser:
+    p = Parser(prog=prog, description=__doc__.splitlines()[0])
+    p.add_argument(
+        "--out",
+        type=Path,
+        help="diffusers folder to write (a new one, or an earlier training output with --force); "
+        "to retrain the package's own weights, pass --overwrite-shipped instead",
+    )
+    p.add_argument(
+        "--overwrite-shipped",
+        action="store_true",
+        help=f"replace the weights shipped with the package ({WEIGHTS}): the default --out then",
+    )
+    p.add_argument("--force", action="store_true", help="replace --out if it holds an earlier training output")
+    p.add_argument("--work", type=Path, default=Path(".train_shapes"), help="checkpoint folder (resume)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=2, help="torch threads (results depend on it)")
+    p.add_argument("--vae-steps", type=int)
+    p.add_argument("--text-steps", type=int)
+    p.add_argument("--unet-steps", type=int)
+    p.add_argument("--tiny", action="store_true", help="a few steps of a smaller model (smoke test)")
+    p.add_argument("--stop-after", type=int, help="checkpoint and stop after this many steps (resume later)")
+    p.add_argument("--fp32", action="store_true", help="save float32 weights instead of float16")
+    return p
+
+
+MAX_TRAIN_STEPS = 10_000_000
+
+
+@command("train_shapes")
+def main(argv: Sequence[str], script: str = "python -m tgate_trt.export.shapes.train") -> int:
+    """The training CLI; ``scripts/train_shapes.py`` runs it with ``script`` naming itself in the record.
+
+    Exit 3: stopped at a checkpoint (``--stop-after``); the same command resumes.
+    """
+    args = build_parser().parse_args(argv)
+    limits.check_int("--seed", args.seed, 0, 2**32 - 1)  # numpy's seed range
+    limits.check_int("--threads", args.threads, 1, 4096)
+    for name in ("vae_steps", "text_steps", "unet_steps", "stop_after"):
+        if getattr(args, name) is not None:
+            limits.check_int(f"--{name.replace('_', '-')}", getattr(args, name), 1, MAX_TRAIN_STEPS)
+    if args.out is None:
+        if not args.overwrite_shipped:
+            raise UsageError(
+                "pass --out DIR for a newly trained model, or --overwrite-shipped to retrain the package's weights"
+            )
+        args.out = WEIGHTS
+    check_output(args.out, args.work, args.force, args.overwrite_shipped)
+    torch.set_num_threads(args.threads)
+    cfg = tiny_config() if args.tiny else TrainConfig()
+    cfg.seed, cfg.stop_after = args.seed, args.stop_after
+    steps = {k: v for k, v in {"vae": args.vae_steps, "text": args.text_steps, "unet": args.unet_steps}.items() if v}
+    cfg = config_with(cfg, **steps)
+    record = shlex.join([*shlex.split(script), *argv])
+    dtype = torch.float32 if args.fp32 else torch.float16
+    try:
+        out = train(args.out, args.work, cfg, record, dtype, args.force, args.overwrite_shipped)
+    except Interrupted as exc:
+        print(exc)
+        return 3
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
