@@ -32,6 +32,23 @@ def shapes_export(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def v2_export(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
+    """One ``--schedule v2`` export per tiny variant (``tiny``, ``tiny-sd21``, ``tiny-sdxl``), made on first use."""
+    from tgate_trt.export.exporter import ExportRequest, run_export
+
+    done: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in done:
+            out = tmp_path_factory.mktemp("v2-exports") / name
+            run_export(ExportRequest(name, out, schedule="v2"))
+            done[name] = out
+        return done[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def model_export(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Path]:
     """One export per tiny variant (``tiny-sdxl``, ``tiny-lcm``, ...) per test session, made on first use."""
     from tgate_trt.export.exporter import ExportRequest, run_export

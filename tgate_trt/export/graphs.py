@@ -13,8 +13,8 @@ from typing import Any
 import torch
 
 from .. import manifest as mf
-from ..methods.plan import FULL, KINDS, MEAN
-from ..methods.variants import CACHE_PREFIX, GraphVariant, cache_tensor
+from ..methods.plan import FULL, KINDS
+from ..methods.variants import CACHE_PREFIX, GraphVariant, cache_tensor, source_of
 from .families import detect_family
 from .onnx_io import ScratchDir, finalize
 from .tgate import VariantUNet
@@ -84,19 +84,6 @@ def unet_example(
     return example
 
 
-def _source(modules: dict[str, VariantUNet], variant: GraphVariant, kind: str) -> VariantUNet:
-    """A variant whose captured ``kind`` caches ``variant`` can replay: the whole CFG batch for a CFG
-    graph, batch ``B`` (the CFG mean, or a guidance-free capture) otherwise."""
-    for module in modules.values():
-        v = module.variant
-        if v.replay:
-            continue
-        layout = dict(v.capture).get(kind)
-        if (layout == FULL and v.cfg == variant.cfg) or (layout == MEAN and not variant.cfg):
-            return module
-    raise RuntimeError(f"no variant captures {kind} caches that {variant.key} can replay")
-
-
 def variant_feeds(
     modules: dict[str, VariantUNet], variant: GraphVariant, example: dict[str, torch.Tensor]
 ) -> dict[str, torch.Tensor]:
@@ -107,7 +94,7 @@ def variant_feeds(
     feeds[mf.TIMESTEP] = torch.tensor([500.0 if variant.reads_text else 250.0])
     for kind in KINDS:
         if kind in variant.replay:
-            src = _source(modules, variant, kind)
+            src = modules[source_of([m.variant for m in modules.values()], variant, kind).key]
             with torch.no_grad():
                 out = dict(zip(src.output_names, src(**variant_feeds(modules, src.variant, example)), strict=True))
             feeds.update({n: out[n] for n in src.cache_outputs() if n.startswith(CACHE_PREFIX[kind])})

@@ -120,6 +120,7 @@ def random_feeds(manifest: mf.Manifest, key: str, lat_h: int, lat_w: int, batch:
     """Seeded inputs for one graph at one latent size: to time or compare graphs without a pipeline."""
     rng = np.random.default_rng(0)
     dims: dict[str, int] = {mf.BATCH: batch, "batch_size": batch, mf.LATENT_H: lat_h, mf.LATENT_W: lat_w}
+    dims[mf.CFG_BATCH] = 2 * batch
     dims.update({mf.hw_dim(c.level): c.tokens(lat_h, lat_w) for c in manifest.cache_layers})
     out = {}
     for t in manifest.graphs[key].inputs:

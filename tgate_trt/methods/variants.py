@@ -8,6 +8,7 @@ graph names. V1 is the two graphs it always was: ``unet_pregate`` and ``unet_pos
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -84,6 +85,16 @@ def select(variants: tuple[GraphVariant, ...] | list[GraphVariant], step: Step) 
             f"({', '.join(v.key for v in variants)}): re-export with --schedule v2 for self-attention caching"
         )
     return min(fits, key=lambda v: len(v.capture))
+
+
+def source_of(variants: Sequence[GraphVariant], variant: GraphVariant, kind: str) -> GraphVariant:
+    """A variant whose ``kind`` captures ``variant`` can replay (to build example or validation inputs):
+    the whole CFG batch for a CFG graph; batch ``B`` (the CFG mean, or a guidance-free capture) otherwise."""
+    for v in variants:
+        layout = dict(v.capture).get(kind)
+        if not v.replay and ((layout == FULL and v.cfg == variant.cfg) or (layout == MEAN and not variant.cfg)):
+            return v
+    raise UsageError(f"no variant captures {kind} caches that {variant.key} can replay")
 
 
 def cache_tensor(kind: str, index: int) -> str:
