@@ -37,12 +37,8 @@ def test_folder_that_is_not_a_pipeline(capsys, tmp_path: Path) -> None:
     folder = tmp_path / "notsd"
     folder.mkdir()
     (folder / "readme.txt").write_text("hi")
-    assert "not a diffusers pipeline folder" in _err(
-        capsys, ["--model", str(folder), "--out", str(tmp_path / "o")]
-    )
-    (folder / "model_index.json").write_text(
-        '{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "U"]}'
-    )
+    assert "not a diffusers pipeline folder" in _err(capsys, ["--model", str(folder), "--out", str(tmp_path / "o")])
+    (folder / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "U"]}')
     assert "missing component(s)" in _err(capsys, ["--model", str(folder), "--out", str(tmp_path / "o")])
 
 
@@ -96,9 +92,7 @@ def test_cli_export_and_force_replace(tmp_path: Path) -> None:
     first = subprocess.run(_cli("--model", "tiny", "--out", str(out)), capture_output=True, text=True)
     assert first.returncode == 0, first.stderr
     (out / "old.txt").write_text("old")  # a stray file in our previous output
-    proc = subprocess.run(
-        _cli("--model", "tiny", "--out", str(out), "--force"), capture_output=True, text=True
-    )
+    proc = subprocess.run(_cli("--model", "tiny", "--out", str(out), "--force"), capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "unet_postgate" in proc.stdout and "max abs diff" in proc.stdout
     assert (out / "manifest.json").is_file() and not (out / "old.txt").exists()
@@ -117,3 +111,31 @@ def test_sigterm_midway_leaves_no_folder(tmp_path: Path) -> None:
     assert proc.returncode != 0
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
+
+
+def test_tgate_command_dispatches_to_the_stage_clis(tmp_path: Path) -> None:
+    """``tgate SUB`` is the stage's own CLI: same arguments, same one-line errors as ``tgate-SUB``."""
+    from tgate_trt.cli.main import COMMANDS
+
+    top = subprocess.run([sys.executable, "-m", "tgate_trt.cli.main", "--help"], capture_output=True, text=True)
+    assert top.returncode == 0 and all(name in top.stdout for name in COMMANDS)
+    args = [str(tmp_path / "missing"), "a red circle", "--out", str(tmp_path / "a.png")]
+    via_tgate = subprocess.run(
+        [sys.executable, "-m", "tgate_trt.cli.main", "run", *args], capture_output=True, text=True
+    )
+    direct = subprocess.run([sys.executable, "-m", "tgate_trt.runtime.cli", *args], capture_output=True, text=True)
+    assert via_tgate.returncode == direct.returncode == 2 and via_tgate.stderr == direct.stderr
+    unknown = subprocess.run([sys.executable, "-m", "tgate_trt.cli.main", "nope"], capture_output=True, text=True)
+    assert unknown.returncode == 2 and "unknown subcommand 'nope'" in unknown.stderr
+    for name in COMMANDS:
+        help_ = subprocess.run(
+            [sys.executable, "-m", "tgate_trt.cli.main", name, "--help"], capture_output=True, text=True
+        )
+        assert help_.returncode == 0 and "usage:" in help_.stdout, (name, help_.stderr)
+
+
+def test_load_pipeline_returns_the_diffusers_reference() -> None:
+    import tgate_trt
+
+    pipe = tgate_trt.load_pipeline("tiny")
+    assert type(pipe).__name__ == "StableDiffusionPipeline" and pipe.unet.config.cross_attention_dim == 32
