@@ -1,11 +1,13 @@
-"""``tgate-analyze``: how fast does each ``attn2`` output converge over the denoising steps?
+"""``tgate-analyze``: how fast does each ``attn2`` (or ``attn1``) output converge over the denoising steps?
 
 T-GATE rests on the observation that cross-attention outputs stop changing after a few steps. This
-runs the plain CFG pipeline (no gating) through the same :class:`PreGateUNet` that becomes the pre-gate
-graph, so every step captures the CFG mean of every ``attn2`` output (the tensor a gate would cache),
-and records per layer and step ``i >= 1`` the relative change ``||a_i - a_{i-1}||_F / ||a_{i-1}||_F``,
-averaged over prompts. The suggested gate is the first step ``g`` from which the mean change stays
-below the threshold: the cache of step ``g - 1`` then differs little from every later step's output.
+runs the plain CFG pipeline (no gating) on the one sampler loop (:func:`methods.sampler.denoise`) through
+a :class:`VariantUNet`, the module the graphs are exported from, declared to capture every output of the
+kind as a gate would cache it (the CFG mean), and records per layer and step ``i >= 1`` the relative
+change ``||a_i - a_{i-1}||_F / ||a_{i-1}||_F``, averaged over prompts. ``--kind attn1`` does the same for
+self-attention, the outputs T-GATE V2 replays between ``sp_interval`` / ``fi_interval`` steps. The
+suggested gate is the first step ``g`` from which the mean change stays below the threshold: the cache
+of step ``g - 1`` then differs little from every later step's output.
 """
 
 from __future__ import annotations
@@ -17,9 +19,12 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .. import manifest as mf
 from ..contract import limits
 from ..contract.cli import Parser, command
 from ..contract.errors import UsageError
+from ..methods.plan import KINDS
+from ..methods.variants import GraphVariant
 from ..runtime.bench_report import ReportFiles, json_safe, write_json
 
 JSON_NAME, PNG_NAME = "convergence.json", "convergence.png"
@@ -64,24 +69,50 @@ def convergence_curves(
     width: int | None = None,
     batch_size: int = 4,
     progress: Callable[[], None] | None = None,
+    kind: str = "attn2",
 ) -> tuple[list[str], dict[str, list[float]], list[int]]:
-    """Per-layer relative change curves (length ``steps - 1``, mean over prompts) and the timesteps.
+    """Per-layer relative change curves of ``kind`` (length ``steps - 1``, mean over prompts) and the timesteps.
 
     Prompt ``j`` gets its own generator seeded ``seed + j``, so results don't depend on batching.
     """
     import torch
 
-    from .tgate import PreGateUNet
-
     with torch.no_grad():
-        return _curves(
-            pipe, PreGateUNet(pipe.unet), prompts, steps, seed, guidance_scale, height, width, batch_size, progress
-        )
+        return _curves(pipe, prompts, steps, seed, guidance_scale, height, width, batch_size, progress, kind)
+
+
+class _Recorder:
+    """The sampler's runner for the analysis: runs the recording variant's module (the PyTorch graph that is
+    exported) and, per call, adds each captured output's relative change since the previous call to ``sums``."""
+
+    def __init__(self, module: Any, names: list[str], sums: dict[str, Any]) -> None:
+        self.module, self.names, self.sums = module, names, sums
+        self.prev: list[Any] = []
+        self.calls = 0
+
+    def __call__(self, variant: GraphVariant, feeds: dict[str, Any]) -> dict[str, Any]:
+        import torch
+
+        noise, *caches = self.module(**feeds)
+        flat = [c.float().flatten(1) for c in caches]
+        if self.prev:
+            for name, a, b in zip(self.names, flat, self.prev, strict=True):
+                rel = (a - b).norm(dim=1) / b.norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
+                self.sums[name][self.calls - 1] += rel.double().sum().cpu()
+        self.prev, self.calls = flat, self.calls + 1
+        return {mf.NOISE_PRED: noise}  # the captures stay here: no later step replays them
+
+    def sample(self, variant: GraphVariant, x: Any, t: Any) -> dict[str, Any]:
+        import torch
+
+        return {mf.SAMPLE: x, mf.TIMESTEP: t.reshape(1).to(torch.float32)}
+
+    def noise(self, value: Any) -> Any:
+        return value
 
 
 def _curves(
     pipe: Any,
-    pre: Any,
     prompts: list[str],
     steps: int,
     seed: int,
@@ -90,40 +121,50 @@ def _curves(
     width: int | None,
     batch_size: int,
     progress: Callable[[], None] | None,
+    kind: str,
 ) -> tuple[list[str], dict[str, list[float]], list[int]]:
+    """A plain (no gate) run on the one sampler loop, through a graph variant that computes every attention
+    and outputs each ``kind`` output as the cache a gate would keep (CFG mean, or as-is without CFG)."""
     import torch
 
+    from ..methods.plan import FULL, MEAN, Step
+    from ..methods.sampler import denoise
+    from .families import detect_family
+    from .reference import encode_conditioning
+    from .tgate import VariantUNet, remove_tgate
+
+    family = detect_family(pipe)
+    layout = MEAN if family.cfg else FULL
+    variant = GraphVariant("record", family.cfg, capture=((kind, layout),))
     height = height or pipe.unet.config.sample_size * pipe.vae_scale_factor
     width = width or pipe.unet.config.sample_size * pipe.vae_scale_factor
     device = pipe._execution_device
-    sums = {name: torch.zeros(steps - 1, dtype=torch.float64) for name in pre.names}
-    scale = torch.tensor([guidance_scale], dtype=torch.float32, device=device)
+    module = VariantUNet(pipe.unet, variant, family)
+    names = module.kinds[kind][1]
     extra = pipe.prepare_extra_step_kwargs(None, 0.0)
-    timesteps: list[int] = []
-    for start in range(0, len(prompts), batch_size):
-        chunk = prompts[start : start + batch_size]
-        gens = [torch.Generator(device="cpu").manual_seed(seed + start + j) for j in range(len(chunk))]
-        text, negative = pipe.encode_prompt(chunk, device, 1, True)
-        pipe.scheduler.set_timesteps(steps, device=device)
-        timesteps = [int(t) for t in pipe.scheduler.timesteps]
-        latents = pipe.prepare_latents(
-            len(chunk), pipe.unet.config.in_channels, height, width, text.dtype, torch.device("cpu"), gens
-        ).to(device)
-        prev: tuple[torch.Tensor, ...] = ()
-        for i, t in enumerate(pipe.scheduler.timesteps):
-            x = pipe.scheduler.scale_model_input(latents, t)
-            noise, *caches = pre(x, t.reshape(1).to(torch.float32), text, negative, scale)
-            flat = tuple(c.float().flatten(1) for c in caches)
-            if i:
-                for name, a, b in zip(pre.names, flat, prev, strict=True):
-                    rel = (a - b).norm(dim=1) / b.norm(dim=1).clamp_min(torch.finfo(torch.float32).tiny)
-                    sums[name][i - 1] += rel.double().sum().cpu()
-            prev = flat
-            latents = pipe.scheduler.step(noise, t, latents, **extra, return_dict=False)[0]
-            if progress:
-                progress()
+    pipe.scheduler.set_timesteps(steps, device=device)
+    timesteps = [int(t) for t in pipe.scheduler.timesteps]
+    plan = [Step(i, family.cfg, capture=((kind, layout),)) for i in range(len(timesteps))]
+    sums = {name: torch.zeros(len(timesteps) - 1, dtype=torch.float64) for name in names}
+    try:
+        for start in range(0, len(prompts), batch_size):
+            chunk = prompts[start : start + batch_size]
+            gens = [torch.Generator(device="cpu").manual_seed(seed + start + j) for j in range(len(chunk))]
+            feeds = encode_conditioning(pipe, family, chunk, None, guidance_scale, height, width)
+            pipe.scheduler.set_timesteps(steps, device=device)
+            dtype = feeds[mf.PROMPT_EMBEDS].dtype
+            shape = (len(chunk), pipe.unet.config.in_channels, height, width)
+            latents = pipe.prepare_latents(*shape, dtype, torch.device("cpu"), gens).to(device)
+            runner = _Recorder(module, names, sums)
+            conditioning = {n: feeds[n] for n in module.conditioning}
+            denoise(
+                plan, (variant,), {kind: []}, runner, lambda _, c=conditioning: c, pipe.scheduler, latents, extra,
+                (lambda *_: progress()) if progress else None,
+            )  # fmt: skip
+    finally:
+        remove_tgate(pipe.unet)
     curves = {name: (s / len(prompts)).tolist() for name, s in sums.items()}
-    return pre.names, curves, timesteps
+    return names, curves, timesteps
 
 
 def mean_curve(curves: dict[str, list[float]]) -> list[float]:
@@ -154,7 +195,8 @@ def plot(report: dict[str, Any], path: Path) -> None:
         ax.set_yscale("log")
     ax.set_xlabel("denoising step i")
     ax.set_ylabel("||a_i - a_(i-1)|| / ||a_(i-1)||")
-    ax.set_title(f"attn2 convergence: {report['model']}, {report['steps']} steps, {len(report['prompts'])} prompt(s)")
+    kind, n = report.get("kind", "attn2"), len(report["prompts"])
+    ax.set_title(f"{kind} convergence: {report['model']}, {report['steps']} steps, {n} prompt(s)")
     ax.grid(alpha=0.3)
     ax.legend(fontsize="x-small", loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
@@ -164,7 +206,7 @@ def plot(report: dict[str, Any], path: Path) -> None:
 def build_parser() -> Parser:
     p = Parser(
         prog="tgate-analyze",
-        description="Record how much each attn2 output changes per denoising step (plain CFG run) and "
+        description="Record how much each attn2 (or attn1) output changes per denoising step (plain CFG run) and "
         "suggest a T-GATE gate step.",
     )
     p.add_argument("--model", required=True, help="preset, local diffusers folder, checkpoint or hub id")
@@ -174,6 +216,9 @@ def build_parser() -> Parser:
     src.add_argument("--prompts", type=Path, help="text file, one prompt per line (blank lines skipped)")
     src.add_argument("--prompt", help="a single prompt")
     p.add_argument("--steps", type=int, default=25, help=f"denoising steps, 2..{limits.MAX_STEPS}")
+    p.add_argument(
+        "--kind", default="attn2", choices=KINDS, help="attention outputs recorded: attn2 (cross) or attn1 (self)"
+    )
     p.add_argument("--gate", type=int, help="gate step to mark on the plot (default: the suggestion)")
     p.add_argument("--threshold", type=float, default=0.05, help="mean relative change counted as converged")
     p.add_argument("--seed", type=int, default=0, help="prompt j uses seed + j")
@@ -277,6 +322,7 @@ def main(argv: Sequence[str]) -> int:
             names, curves, timesteps = convergence_curves(
                 pipe, prompts, args.steps, seed=args.seed, guidance_scale=args.guidance_scale,
                 height=height, width=width, batch_size=args.batch_size, progress=lambda: bar.update(1),
+                kind=args.kind,
             )  # fmt: skip
         mean = mean_curve(curves)
         suggested = suggest_gate(mean, args.threshold)
@@ -284,6 +330,7 @@ def main(argv: Sequence[str]) -> int:
             "model": args.model,
             "source": source.source,
             "steps": args.steps,
+            "kind": args.kind,
             "seed": args.seed,
             "guidance_scale": args.guidance_scale,
             "height": height,
@@ -293,7 +340,7 @@ def main(argv: Sequence[str]) -> int:
             "gate": args.gate if args.gate is not None else suggested,
             "prompts": prompts,
             "layers": names,
-            "step_axis": list(range(1, args.steps)),
+            "step_axis": list(range(1, len(timesteps))),
             "timesteps": timesteps,
             "curves": curves,
             "mean": mean,
