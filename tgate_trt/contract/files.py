@@ -33,6 +33,8 @@ MANIFEST_NAME = "manifest.json"
 def atomic_save(path: str | os.PathLike[str], write: Callable[[Path], Any]) -> Path:
     """Call ``write(tmp)`` on a temp file beside ``path`` (same suffix), then rename it into place."""
     path = Path(path)
+    if path.is_symlink():  # write through the link into its target; the link stays
+        path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, name = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
     os.close(fd)
@@ -60,15 +62,26 @@ def check_output_file(path: str | os.PathLike[str], suffixes: Iterable[str] = ()
     """A file the command will write: right suffix, not a folder, in an existing writable folder."""
     path = Path(path)
     allowed = tuple(suffixes)
-    if allowed and path.suffix.lower() not in allowed:
-        raise OutputError(f"{option} must be a {' or '.join(allowed)} path, got {path}")
     if path.is_dir():
         raise OutputError(
             f"{option} {path} is a folder: name a file inside it, e.g. {path / ('out' + (allowed or ('',))[0])}"
         )
-    _check_parent(path, option, create=False)
+    if allowed and path.suffix.lower() not in allowed:
+        raise OutputError(f"{option} must be a {' or '.join(allowed)} path, got {path}")
+    _check_parent(path.resolve() if path.is_symlink() else path, option, create=False)
     if path.exists() and not os.access(path, os.W_OK):
         raise OutputError(f"{option} {path} exists and is read-only: choose another path")
+    return path
+
+
+def check_output_folder(path: str | os.PathLike[str], option: str = "--out") -> Path:
+    """A folder the command writes files into (not replaced as a whole): a folder, or creatable, and writable."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{option} {path} exists and is not a folder: choose another {option}")
+    _check_parent(path.resolve() if path.is_symlink() else path, option, create=True)
+    if path.is_dir() and not writable(path):
+        raise OutputError(f"{option} {path} is not writable; choose another location")
     return path
 
 
@@ -82,8 +95,22 @@ def _check_parent(path: Path, option: str, create: bool) -> None:
         ancestor = ancestor.parent
     if not ancestor.is_dir():
         raise OutputError(f"{option} {path} lies under {ancestor}, which is a file, not a folder")
-    if not os.access(ancestor, os.W_OK | os.X_OK):
+    if not writable(ancestor):
         raise OutputError(f"{option}: {ancestor} is not writable; choose another location")
+
+
+def writable(folder: Path) -> bool:
+    """Whether a file can be created in ``folder``: tried, not guessed from its mode (root ignores modes,
+    but not read-only mounts or immutable folders)."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        fd, name = tempfile.mkstemp(prefix=".tgate-trt-probe-", dir=folder)
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(name)
+    return True
 
 
 # --- folders -------------------------------------------------------------------------------------
@@ -157,8 +184,31 @@ class OutputDir:
                     f"{opt} {self.given} is not an output of tgate-trt (no {MARKER} or {MANIFEST_NAME}): "
                     "--force only replaces previous outputs; choose another folder"
                 )
-            if not os.access(out, os.W_OK | os.X_OK):
+            if not writable(out):
                 raise OutputError(f"{opt} {self.given} is read-only: it can't be replaced")
+        if self._lock is None:
+            self._check_unlocked()
+
+    def _busy(self, owner: str) -> OutputError:
+        return OutputError(
+            f"another process (pid {owner}) is writing {self.given}: wait for it to finish, "
+            f"or choose another {self.option}"
+        )
+
+    def _check_unlocked(self) -> None:
+        """Refuse early when another writer holds the lock (acquiring it, later, is what counts)."""
+        try:
+            fd = os.open(self.lock_path, os.O_RDONLY)
+        except OSError:  # no lock file: nobody is writing
+            return
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise self._busy(os.pread(fd, 32, 0).decode(errors="replace").strip() or "?") from None
+        finally:
+            os.close(fd)
 
     # --- the lock and the swap -----------------------------------------------------------------
     def _acquire(self) -> None:
@@ -172,10 +222,7 @@ class OutputDir:
                 os.close(fd)
                 if exc.errno not in (errno.EAGAIN, errno.EACCES):
                     raise
-                raise OutputError(
-                    f"another process (pid {owner}) is writing {self.given}: wait for it to finish, "
-                    f"or choose another {self.option}"
-                ) from None
+                raise self._busy(owner) from None
             try:
                 same = os.path.samestat(os.fstat(fd), os.stat(path))
             except FileNotFoundError:

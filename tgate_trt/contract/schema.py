@@ -7,15 +7,18 @@ graphs every export has, the cache tensors the two UNet graphs exchange, paths i
 
 from __future__ import annotations
 
-from typing import Any, Literal
+import posixpath
+from typing import Annotated, Any, Literal
 
-from pydantic import ConfigDict, TypeAdapter, ValidationError, with_config
+from pydantic import ConfigDict, Field, TypeAdapter, ValidationError, with_config
 from typing_extensions import NotRequired, TypedDict
 
 from . import limits
 from .errors import UserError
 
 _OPEN = ConfigDict(extra="allow")  # later stages add keys (extra.engines, text.encoders, notes)
+_Positive = Annotated[int, Field(gt=0)]  # sizes and factors the runtime divides by or allocates
+_Sha256 = Annotated[str, Field(pattern=r"^[0-9a-f]{64}$")]
 
 
 @with_config(_OPEN)
@@ -28,7 +31,7 @@ class _Tensor(TypedDict):
 @with_config(_OPEN)
 class _Graph(TypedDict):
     file: str
-    files: dict[str, str]
+    files: dict[str, _Sha256]
     inputs: list[_Tensor]
     outputs: list[_Tensor]
     parameters: int
@@ -39,8 +42,8 @@ class _Cache(TypedDict):
     index: int
     name: str
     module: str
-    channels: int
-    level: int
+    channels: _Positive
+    level: _Positive
     kind: Literal["attn1", "attn2"]
 
 
@@ -53,17 +56,25 @@ class _Variant(TypedDict):
 
 @with_config(_OPEN)
 class _Latent(TypedDict):
-    channels: int
-    vae_scale_factor: int
-    scaling_factor: float
-    multiple: int
+    channels: _Positive
+    vae_scale_factor: _Positive
+    scaling_factor: Annotated[float, Field(gt=0, allow_inf_nan=False)]
+    multiple: _Positive
+
+
+@with_config(_OPEN)
+class _Encoder(TypedDict):
+    graph: str
+    tokenizer: str
+    output: str
 
 
 @with_config(_OPEN)
 class _Text(TypedDict):
-    max_length: int
-    hidden_size: int
+    max_length: Annotated[int, Field(ge=3)]  # start and end tokens, and at least one of the prompt's
+    hidden_size: _Positive
     tokenizer: str
+    encoders: NotRequired[list[_Encoder]]
 
 
 @with_config(_OPEN)
@@ -92,7 +103,7 @@ class _Model(TypedDict):
 class _Manifest(TypedDict):
     format_version: int
     source: dict[str, Any]
-    dtype: str
+    dtype: Literal["fp32", "fp16"]
     opset: int
     graphs: dict[str, _Graph]
     cache_layers: list[_Cache]
@@ -105,7 +116,7 @@ class _Manifest(TypedDict):
     validation: list[dict[str, Any]]
     extra: dict[str, Any]
     model: _Model
-    files: dict[str, str]
+    files: dict[str, _Sha256]
     schedule: Literal["v1", "v2"]
     variants: dict[str, _Variant]
 
@@ -160,6 +171,7 @@ def _check_consistent(data: dict[str, Any], error: type[UserError], fix: str) ->
     for rel in paths:
         if rel.startswith("/") or ".." in rel.replace("\\", "/").split("/"):
             raise error(f"manifest.json names the path {rel!r}, outside the export folder: {fix}")
+    _check_hashed(data, error, fix)
     defaults = data["defaults"]
     try:
         limits.check_steps(defaults["steps"])
@@ -171,3 +183,27 @@ def _check_consistent(data: dict[str, Any], error: type[UserError], fix: str) ->
         limits.check_int("warm_up", defaults["warm_up"], 0)
     except UserError as exc:
         raise error(f"manifest.json field defaults: {exc}: {fix}") from None
+
+
+def _check_hashed(data: dict[str, Any], error: type[UserError], fix: str) -> None:
+    """Every file the runtime reads is under sha256, and the tensors it allocates have the latent's shape."""
+    for key, graph in data["graphs"].items():
+        if graph["file"] not in graph["files"]:
+            raise error(
+                f"manifest.json field graphs.{key}.file: {graph['file']!r} is not among its hashed files: {fix}"
+            )
+        for tensor in graph["inputs"]:
+            shape = tensor["shape"]
+            if tensor["name"] in ("sample", "latent_sample") and (
+                len(shape) != 4 or (isinstance(shape[1], int) and shape[1] != data["latent"]["channels"])
+            ):
+                raise error(
+                    f"manifest.json field graphs.{key}.inputs: {tensor['name']} has shape {shape}, not "
+                    f"[batch, {data['latent']['channels']} (latent.channels), height, width]: {fix}"
+                )
+    tokenizers = {data["text"]["tokenizer"], *(e["tokenizer"] for e in data["text"].get("encoders", []))}
+    needed = [posixpath.join(data["scheduler"], "scheduler_config.json")]
+    needed += [posixpath.join(t, name) for t in sorted(tokenizers) for name in ("vocab.json", "merges.txt")]
+    for rel in needed:
+        if rel not in data["files"]:
+            raise error(f"manifest.json field files: {rel} (read by the runtime) is not under sha256: {fix}")

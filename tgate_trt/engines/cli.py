@@ -7,14 +7,17 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from .. import manifest as mf
 from ..contract import limits
 from ..contract.cli import Parser, command
 from ..contract.errors import UsageError
+from ..contract.files import check_output_folder
 from .build import TensorRTMissing, build_engines, import_tensorrt
 from .openvino import DEVICES as OV_DEVICES
 from .openvino import OV_DIR, build_openvino, format_validation
 from .openvino import PRECISIONS as OV_PRECISIONS
-from .options import HARDWARE_COMPAT, BuildOptions, parse_range
+from .options import HARDWARE_COMPAT, BuildOptions, builder_settings, parse_range
+from .profiles import all_profiles
 
 TARGETS = ("tensorrt", "openvino")
 
@@ -105,7 +108,10 @@ def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     if args.target == "openvino":
         return _openvino(args)
+    # cheap checks first: numbers, options, the manifest's schema, sizes, --out; then TensorRT; then hashes
     limits.check_batch(args.batch)
+    if args.workspace_gib is not None:
+        limits.check_float("--workspace-gib", args.workspace_gib, 0.0, 1e6, " (GiB)")
     options = BuildOptions(
         fp16=args.fp16,
         strongly_typed=args.strongly_typed,
@@ -118,12 +124,20 @@ def main(argv: Sequence[str]) -> int:
         strip_weights=args.strip_weights,
         dynamic=dict(parse_range(r) for r in args.dynamic),
     )
-    from ..manifest import Manifest
-
-    defaults = Manifest.load(args.export_dir, verify=False).defaults
+    manifest = mf.Manifest.load(args.export_dir, verify=False)
+    if mf.QUANTIZATION in manifest.extra:
+        raise UsageError(
+            f"{args.export_dir} is an int8 copy for ONNX Runtime on CPUs (tgate-quantize): build engines from "
+            "its fp32 or fp16 source export"
+        )
+    defaults = manifest.defaults
     height = defaults["height"] if args.height is None else args.height
     width = defaults["width"] if args.width is None else args.width
+    all_profiles(manifest, args.batch, height, width, options.dynamic)  # sizes the graphs can't take
+    builder_settings(options, manifest)
     out = args.out or args.export_dir / "engines"
+    check_output_folder(out)
+    import_tensorrt()
     section = build_engines(args.export_dir, out, options, args.batch, height, width)
     for key, plan in section["plans"].items():
         print(

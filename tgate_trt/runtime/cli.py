@@ -14,7 +14,18 @@ from ..contract import limits
 from ..contract.cli import Parser, command
 from ..contract.errors import UsageError
 from ..contract.files import atomic_save, check_output_file
-from .pipeline import BACKENDS, MAX_STEPS, SCHEDULERS, TGatePipeline, format_timings
+from ..methods.plan import TGateParams
+from ..methods.variants import schedule_of
+from .conditioning import count_tokens, load_tokenizer
+from .pipeline import (
+    BACKENDS,
+    MAX_STEPS,
+    SCHEDULERS,
+    TGatePipeline,
+    check_prompt_text,
+    check_token_counts,
+    format_timings,
+)
 
 
 def build_parser() -> Parser:
@@ -38,6 +49,22 @@ def build_parser() -> Parser:
         default=None,
         help="cap on height*width (default: the export's, 4x its native size; a memory budget)",
     )
+    v2 = p.add_argument_group("T-GATE V2: self-attention cached on a schedule (export with --schedule v2)")
+    v2.add_argument(
+        "--sp-interval",
+        type=int,
+        default=None,
+        help="before the gate, recompute self-attention every N steps (1: always; default: the export's, 5 for V2)",
+    )
+    v2.add_argument(
+        "--fi-interval",
+        type=int,
+        default=None,
+        help="after the gate, recompute self-attention every N steps (1: always; default: the export's)",
+    )
+    v2.add_argument(
+        "--warm-up", type=int, default=None, help="steps before self-attention caching starts (default: the export's)"
+    )
     p.add_argument("--batch", type=int, default=1, help="images per prompt")
     p.add_argument("--seed", type=int, default=0, help="noise seed, 0..2**63-1 (same seed, same image)")
     p.add_argument("--scheduler", default=None, choices=SCHEDULERS, help="default: the export's own (else ddim)")
@@ -60,6 +87,11 @@ def build_parser() -> Parser:
     return p
 
 
+def image_paths(out: Path, batch: int) -> list[Path]:
+    """``--out`` itself for one image, ``NAME_<i>.png`` beside it for a batch."""
+    return [out] if batch == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}") for i in range(batch)]
+
+
 @command("tgate-run")
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
@@ -71,7 +103,8 @@ def main(argv: Sequence[str]) -> int:
         raise UsageError("--engines names an OpenVINO build: use it with --backend openvino")
     if args.max_pixels is not None:
         limits.check_int("--max-pixels", args.max_pixels, 1)
-    check_output_file(args.out, (".png",))
+    for path in dict.fromkeys([args.out, *image_paths(args.out, args.batch)]):
+        check_output_file(path, (".png",))
     if args.save_latents is not None:
         check_output_file(args.save_latents, (".npy",), "--save-latents")
     manifest = mf.Manifest.load(args.export_dir, verify=False)
@@ -83,12 +116,28 @@ def main(argv: Sequence[str]) -> int:
     w = defaults["width"] if args.width is None else args.width
     mf.check_gate(args.steps, args.gate)
     limits.check_guidance(args.guidance)
+    params = TGateParams(
+        args.gate,
+        defaults["sp_interval"] if args.sp_interval is None else args.sp_interval,
+        defaults["fi_interval"] if args.fi_interval is None else args.fi_interval,
+        defaults["warm_up"] if args.warm_up is None else args.warm_up,
+    )
+    if schedule_of(params) == "v2" and manifest.schedule == "v1":
+        raise UsageError(
+            "--sp-interval/--fi-interval/--warm-up cache self-attention, which this export (--schedule v1) "
+            "can't: re-export with tgate-export --schedule v2, or leave them at 1/1/0"
+        )
     manifest.latent_size(h, w, args.max_pixels)
+    prompts = [args.prompt] * args.batch
+    negatives = None if args.negative is None else [args.negative] * args.batch
+    check_prompt_text(prompts, negatives, manifest.model)
+    # then hashes: the tokenizer, scheduler and configs first, so a prompt is judged before any graph loads
+    manifest.verify(args.export_dir, graphs=())
+    counts = count_tokens(load_tokenizer(args.export_dir, manifest), prompts[:1])
+    check_token_counts(counts)
     pipe = TGatePipeline.from_export(
         args.export_dir, backend=args.backend, threads=args.threads, engines=args.engines, max_pixels=args.max_pixels
     )
-    prompts = [args.prompt] * args.batch
-    negatives = None if args.negative is None else [args.negative] * args.batch
     pipe.check(prompts, negatives, args.steps, args.gate, args.guidance, h, w)
     for tokens in pipe.truncated(prompts[:1]).values():
         print(
@@ -108,12 +157,11 @@ def main(argv: Sequence[str]) -> int:
             seed=args.seed,
             scheduler=args.scheduler,
             progress=lambda i: bar.update(1),
+            sp_interval=params.sp_interval,
+            fi_interval=params.fi_interval,
+            warm_up=params.warm_up,
         )
-    paths = (
-        [args.out]
-        if len(result.images) == 1
-        else [args.out.with_name(f"{args.out.stem}_{i}{args.out.suffix}") for i in range(len(result.images))]
-    )
+    paths = image_paths(args.out, len(result.images))
     for image, path in zip(result.images, paths, strict=True):
         atomic_save(path, lambda tmp, image=image: image.save(tmp, format="PNG"))
     if args.save_latents is not None:

@@ -13,6 +13,8 @@ from typing import Any
 import numpy as np
 
 from .. import manifest as mf
+from ..contract import limits
+from ..contract.errors import UsageError
 from .engine import Engine
 
 
@@ -28,6 +30,39 @@ def time_ids(
     (both sizes default to the generated size), one row per image."""
     row = [*(original_size or (height, width)), *crops_coords_top_left, *(target_size or (height, width))]
     return np.tile(np.asarray([row], np.float32), (batch, 1))
+
+
+def count_tokens(tokenizer: Any, texts: list[str]) -> list[int]:
+    """Tokens of each text without start/end tokens: 0 means nothing the model can read."""
+    return [len(tokenizer(t, add_special_tokens=False, truncation=False).input_ids) for t in texts]
+
+
+def load_tokenizer(root: Path, manifest: mf.Manifest) -> Any:
+    """The (first) text encoder's tokenizer of an export."""
+    from transformers import CLIPTokenizer
+
+    return CLIPTokenizer.from_pretrained(str(root / manifest.text["tokenizer"]))
+
+
+SIZE_KEYS = ("original_size", "crops_coords_top_left", "target_size")
+
+
+def check_sizes(sizes: Any) -> None:
+    """SDXL's ``sizes``: only the keys :func:`time_ids` takes, each a pair of integers >= 0."""
+    if sizes is None:
+        return
+    if not isinstance(sizes, dict):
+        raise UsageError(f"sizes must be a dict with keys among {', '.join(SIZE_KEYS)}, got {type(sizes).__name__}")
+    unknown = sorted(str(k) for k in sizes if k not in SIZE_KEYS)
+    if unknown:
+        raise UsageError(f"sizes has unknown key(s) {', '.join(unknown)}: use {', '.join(SIZE_KEYS)}")
+    for key, value in sizes.items():
+        if value is None and key != "crops_coords_top_left":
+            continue
+        if not isinstance(value, (tuple, list)) or len(value) != 2:
+            raise UsageError(f"sizes[{key!r}] must be a pair of integers (height, width or top, left), got {value!r}")
+        for v in value:
+            limits.check_int(f"sizes[{key!r}]", v, 0)
 
 
 class TextConditioner:
@@ -49,8 +84,7 @@ class TextConditioner:
 
     def token_counts(self, texts: list[str]) -> list[int]:
         """Tokens of each text without start/end tokens: 0 means nothing the model can read."""
-        tokenizer = self.encoders[0][1]
-        return [len(tokenizer(t, add_special_tokens=False, truncation=False).input_ids) for t in texts]
+        return count_tokens(self.encoders[0][1], texts)
 
     def encode(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray | None]:
         """Text states (every encoder's chosen output, concatenated) and the pooled embedding, if any."""
