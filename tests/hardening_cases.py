@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tgate_trt.contract.errors import UsageError
+from tgate_trt.contract.errors import OutputError, UsageError, UserError
 from tgate_trt.manifest import ManifestError
 
 
@@ -226,6 +226,9 @@ EXPORT_CASES = [
     Case(E, "height-zero", ["--model", "tiny", "--out", OUT, "--height", "0"], "--height must be positive, got 0"),
     Case(E, "width-negative", ["--model", "tiny", "--out", OUT, "--width", "-64"], "--width must be positive"),
     Case(E, "height-not-multiple", ["--model", "tiny", "--out", OUT, "--height", "70"], "must be a multiple of"),
+    Case(E, "size-over-cap", ["--model", "tiny", "--out", OUT, "--height", "4096", "--width", "4096"],
+         "pixels, over 65,536"),
+    Case(E, "schedule-unknown", ["--model", "tiny", "--out", OUT, "--schedule", "v3"], "--schedule"),
     Case(E, "height-not-int", ["--model", "tiny", "--out", OUT, "--height", "1e3"], "invalid int value"),
     Case(E, "out-missing", ["--model", "tiny"], "the following arguments are required: --out"),
     Case(E, "lcm-lora-missing", ["--model", "tiny", "--out", OUT, "--lcm-lora", "{tmp}/nope.safetensors"],
@@ -365,7 +368,13 @@ RUN_CASES = [
     Case(R, "max-pixels-zero", run("--max-pixels", "0"), "--max-pixels must be an integer >= 1, got 0"),
     Case(R, "batch-zero", run("--batch", "0"), "batch (number of prompts) must be an integer in 1..64, got 0"),
     Case(R, "batch-huge", run("--batch", "65"), "in 1..64, got 65"),
-    Case(R, "threads-negative", run("--threads", "-1"), "--threads must be an integer >= 0"),
+    Case(R, "threads-negative", run("--threads", "-1"), "--threads must be an integer in 0..1024, got -1"),
+    Case(R, "threads-huge", run("--threads", "100000"), "--threads must be an integer in 0..1024, got 100000"),
+    Case(R, "sp-interval-zero", run("--sp-interval", "0"), "sp_interval must be an integer in 1..1000, got 0"),
+    Case(R, "warm-up-negative", run("--warm-up", "-1"), "warm_up must be an integer in 0..1000, got -1"),
+    Case(R, "v2-on-v1-export", run("--sp-interval", "5"), "re-export with tgate-export --schedule v2"),
+    Case(R, "latents-is-folder", run("--save-latents", "{tmp}/lat"), "--save-latents {tmp}/lat is a folder",
+         setup=mkdir("{tmp}/lat")),
     Case(R, "steps-float", run("--steps", "1.5"), "argument --steps: invalid int value"),
     Case(R, "scheduler-unknown", run("--scheduler", "pndm"), "argument --scheduler: invalid choice"),
     Case(R, "engines-with-ort", run("--engines", "openvino"), "--engines names an OpenVINO build"),
@@ -400,6 +409,8 @@ QUANTIZE_CASES = [
     Case(Q, "force-onto-source-parent", [EXPORT, "--out", "{tmp}/exports", "--force"], "which this command reads",
          setup=mkdir("{tmp}/exports", marker=True)),
     Case(Q, "force-onto-source", [EXPORT, "--out", EXPORT, "--force"], "which this command reads"),
+    Case(Q, "force-symlink-to-source", [EXPORT, "--out", "{tmp}/link", "--force"], "which this command reads",
+         setup=symlink("{tmp}/link", EXPORT)),
     Case(Q, "out-inside-source", [EXPORT, "--out", "{export}/int8"], "which this command reads"),
     Case(Q, "out-not-empty", [EXPORT, "--out", OUT], "pass --force", setup=write(OUT + "/keep.txt")),
     Case(Q, "force-not-ours", [EXPORT, "--out", OUT, "--force"], "not an output of tgate-trt",
@@ -437,7 +448,7 @@ BUILD_CASES = [
          setup=write("{export}/mine/keep.txt")),
     Case(B, "out-is-file", ov("--out", "{export}/notes"), "is not a folder", setup=write("{export}/notes")),
     Case(B, "out-locked", ov(), "another process (pid 4242) is writing", setup=hold_lock("{export}/openvino")),
-    Case(B, "threads-negative", ov("--threads", "-2"), "--threads must be an integer >= 0"),
+    Case(B, "threads-negative", ov("--threads", "-2"), "--threads must be an integer in 0..1024, got -2"),
     Case(B, "f16-on-cpu", [EXPORT, "--target", "openvino", "--precision", "f16"], "f16 is for Intel GPUs"),
     Case(B, "device-gpu", [EXPORT, "--target", "openvino", "--device", "GPU"], "OpenVINO sees no GPU"),
     Case(B, "precision-unknown", ov("--precision", "int4"), "argument --precision: invalid choice"),
@@ -473,6 +484,8 @@ TRT_CASES = [
     Case(T, "export-missing", ["{tmp}/nope"], "does not exist: run tgate-export first"),
     Case(T, "manifest-list", [EXPORT], "holds a list", setup=edit_manifest(lambda d: [])),
     Case(T, "quantized-source", [EXPORT], "is an int8 copy for ONNX Runtime", setup=edit_manifest(fake_quantized)),
+    Case(T, "out-is-export", [EXPORT, "--out", EXPORT], "is or contains the export"),
+    Case(T, "out-contains-export", [EXPORT, "--out", "{tmp}/exports"], "is or contains the export"),
     Case(T, "out-is-file", [EXPORT, "--out", "{tmp}/afile"], "is not a folder", setup=write("{tmp}/afile")),
     Case(T, "out-readonly-fs", [EXPORT, "--out", "/proc/engines"], "not writable"),
 ]
@@ -496,6 +509,25 @@ def generate(*args: Any, **kwargs: Any) -> Callable[..., Any]:
     return call
 
 
+def export_api(**kwargs: Any) -> Callable[..., Any]:
+    def call(ctx: Ctx, pipe: Any) -> Any:
+        from tgate_trt.export.exporter import ExportRequest, run_export
+
+        request = {"model": "tiny", "out": "{tmp}/out", **kwargs}
+        return run_export(ExportRequest(**{k: ctx.fmt(v) if isinstance(v, str) else v for k, v in request.items()}))
+
+    return call
+
+
+def quantize_api(out: str = "{tmp}/out", **kwargs: Any) -> Callable[..., Any]:
+    def call(ctx: Ctx, pipe: Any) -> Any:
+        from tgate_trt.export.quantize import quantize_export
+
+        return quantize_export(ctx.export, ctx.path(out), **kwargs)
+
+    return call
+
+
 A = "api"
 
 
@@ -507,7 +539,8 @@ API_CASES = [
     api("missing", lambda ctx, pipe: __import__("tgate_trt.runtime.pipeline", fromlist=["x"])
         .TGatePipeline.from_export(ctx.tmp / "nope"), ManifestError, "does not exist"),
     api("backend", from_export(backend="cuda"), UsageError, "backend must be one of ort, openvino, trt"),
-    api("threads", from_export(threads=-1), UsageError, "threads must be an integer >= 0"),
+    api("threads", from_export(threads=-1), UsageError, "threads must be an integer in 0..1024"),
+    api("threads-huge", from_export(threads=10**6), UsageError, "threads must be an integer in 0..1024"),
     api("max-pixels-zero", from_export(max_pixels=0), UsageError, "max_pixels must be an integer >= 1"),
     api("manifest-list", from_export(), ManifestError, "holds a list", setup=edit_manifest(lambda d: [])),
     api("manifest-no-graph", from_export(), ManifestError, "graph 'unet_pregate' is missing",
@@ -516,6 +549,11 @@ API_CASES = [
         setup=append("{export}/tokenizer/vocab.json", " "), before="load"),
     api("scheduler-deleted", from_export(), ManifestError, "scheduler_config.json is missing",
         setup=delete("{export}/scheduler"), before="load"),
+    api("export-height-zero", export_api(height=0), UserError, "--height must be positive, got 0"),
+    api("export-onto-source", export_api(out="{tmp}/m", model="{tmp}/m/sd", force=True), OutputError,
+        "which this command reads", setup=(mkdir("{tmp}/m", marker=True), fake_model("{tmp}/m/sd"))),
+    api("quantize-tolerance-nan", quantize_api(tolerance=float("nan")), UsageError, "--tolerance must be a finite"),
+    api("quantize-onto-source", quantize_api(out=EXPORT, force=True), OutputError, "which this command reads"),
     api("seed-2**70", generate(seed=2**70), UsageError, "seed must be an integer in 0..9223372036854775807"),
     api("seed-negative", generate(seed=-1), UsageError, "got -1"),
     api("seed-float", generate(seed=1.5), UsageError, "seed must be an integer, got 1.5"),
@@ -537,6 +575,8 @@ API_CASES = [
     api("negatives-mismatch", generate(["a", "b"], negative_prompt=["x", "y", "z"]), UsageError,
         "negative_prompt has 3 entries for 2 prompts"),
     api("scheduler", generate(scheduler="pndm"), UsageError, "scheduler must be one of"),
+    api("sp-interval-zero", generate(sp_interval=0), UsageError, "sp_interval must be an integer in 1..1000"),
+    api("v2-on-v1-export", generate(sp_interval=5), UsageError, "--schedule v2"),
     api("sizes-unknown-key", generate(sizes={"original": (64, 64)}), UsageError, "sizes has unknown key(s) original"),
     api("sizes-not-pair", generate(sizes={"target_size": 64}), UsageError, "must be a pair of integers"),
     api("sizes-negative", generate(sizes={"crops_coords_top_left": (0, -8)}), UsageError, "must be an integer >= 0"),

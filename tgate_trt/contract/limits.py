@@ -17,6 +17,7 @@ MAX_STEPS = 1000  # the schedulers' training timesteps
 GUIDANCE_MAX = 100.0  # beyond this CFG only saturates (1e38 overflows to a black image)
 MAX_BATCH = 64  # images per call through the API and CLI (Triton has its own, smaller cap)
 PIXEL_FACTOR = 4  # default cap on pixels per image: 4x the export's native size (2x per side)
+MAX_THREADS = 1024  # intra-op threads: more is a typo, and each one is a real thread
 
 
 def check_int(name: str, value: Any, low: int, high: int | None = None, hint: str = "") -> int:
@@ -57,6 +58,10 @@ def check_gate(steps: int, gate_step: Any) -> int:
         None,
         ": the cache comes from the last step before the gate; use gate_step >= steps for a plain run",
     )
+
+
+def check_threads(threads: Any, name: str = "threads", hint: str = " (0: the backend's choice)") -> int:
+    return check_int(name, threads, 0, MAX_THREADS, hint)
 
 
 def check_guidance(guidance: Any) -> float:

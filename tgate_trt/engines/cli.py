@@ -90,7 +90,7 @@ def _openvino(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--out for OpenVINO must be a folder directly inside {export} (the manifest names it), got {out}"
         )
-    limits.check_int("--threads", args.threads, 0, None, " (0: every core allowed)")
+    limits.check_threads(args.threads, "--threads", " (0: every core allowed)")
     section = build_openvino(export, out.name, args.precision, args.device, args.threads)
     print(format_validation(section["validation"]["rows"]))
     size = sum((export / rel).stat().st_size for g in section["graphs"].values() for rel in g["files"]) / 2**20
@@ -136,6 +136,11 @@ def main(argv: Sequence[str]) -> int:
     all_profiles(manifest, args.batch, height, width, options.dynamic)  # sizes the graphs can't take
     builder_settings(options, manifest)
     out = args.out or args.export_dir / "engines"
+    if out.resolve() == args.export_dir.resolve() or out.resolve() in args.export_dir.resolve().parents:
+        raise UsageError(
+            f"--out {out} is or contains the export {args.export_dir}: name a folder for the engines, "
+            f"e.g. {args.export_dir / 'engines'}"
+        )
     check_output_folder(out)
     import_tensorrt()
     section = build_engines(args.export_dir, out, options, args.batch, height, width)

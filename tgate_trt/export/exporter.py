@@ -98,6 +98,7 @@ def check_request(req: ExportRequest) -> None:
     arch = ARCHITECTURES.get(req.model) if req.model in ARCHITECTURES else None
     if arch is not None:
         _check_size(req, _multiple(arch["unet"], arch["vae"]))
+        _check_pixels(req, arch["unet"]["sample_size"] * 2 ** (len(arch["vae"]["block_out_channels"]) - 1))
 
 
 def _check_model(req: ExportRequest) -> None:
@@ -154,6 +155,17 @@ def _check_size(req: ExportRequest, multiple: int) -> None:
     for name, value in (("height", req.height), ("width", req.width)):
         if value is not None and value % multiple:
             raise ExportError(f"--{name} must be a multiple of {multiple} for this model, got {value}")
+
+
+def _check_pixels(req: ExportRequest, native: int) -> None:
+    """Tracing and validation sizes within 4x the model's native size per side (a memory budget)."""
+    height, width = req.height or native, req.width or native
+    cap = limits.PIXEL_FACTOR * limits.default_max_pixels(native, native)
+    if height * width > cap:
+        raise ExportError(
+            f"--height {height} --width {width} is {height * width:,} pixels, over {cap:,} (4x this model's "
+            f"native {native}x{native} per side): export at a smaller size"
+        )
 
 
 def _tool_versions() -> dict[str, str]:
@@ -272,6 +284,7 @@ def run_export(
     multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
     _check_size(req, multiple)
     default = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    _check_pixels(req, default)
     opts = ExportOptions(req.dtype, req.opset, req.height or default, req.width or default)
     pipe.to(opts.torch_dtype)
     if vae_upcast(pipe, family, opts):

@@ -98,7 +98,7 @@ def main(argv: Sequence[str]) -> int:
     # cheap checks first (milliseconds), then the manifest's schema, then hashes and loading
     limits.check_batch(args.batch)
     limits.check_seed(args.seed)
-    limits.check_int("--threads", args.threads, 0, None, " (0: the backend's choice)")
+    limits.check_threads(args.threads, "--threads")
     if args.engines is not None and args.backend != "openvino":
         raise UsageError("--engines names an OpenVINO build: use it with --backend openvino")
     if args.max_pixels is not None:

@@ -146,7 +146,7 @@ class TGatePipeline:
 
         if backend not in BACKENDS:
             raise UsageError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-        limits.check_int("threads", threads, 0)
+        limits.check_threads(threads)
         if max_pixels is not None:
             limits.check_int("max_pixels", max_pixels, 1)
         root = Path(root)
