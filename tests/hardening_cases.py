@@ -485,6 +485,7 @@ TRT_CASES = [
     Case(T, "manifest-list", [EXPORT], "holds a list", setup=edit_manifest(lambda d: [])),
     Case(T, "quantized-source", [EXPORT], "is an int8 copy for ONNX Runtime", setup=edit_manifest(fake_quantized)),
     Case(T, "out-is-export", [EXPORT, "--out", EXPORT], "is or contains the export"),
+    Case(T, "out-locked", [EXPORT], "another process (pid 4242) is writing", setup=hold_lock("{export}/engines")),
     Case(T, "out-contains-export", [EXPORT, "--out", "{tmp}/exports"], "is or contains the export"),
     Case(T, "out-is-file", [EXPORT, "--out", "{tmp}/afile"], "is not a folder", setup=write("{tmp}/afile")),
     Case(T, "out-readonly-fs", [EXPORT, "--out", "/proc/engines"], "not writable"),

@@ -375,3 +375,44 @@ def test_run_writes_through_a_symlinked_png(ctx: Ctx) -> None:
     assert code == 0, stderr
     assert link.is_symlink() and target.read_bytes()[:4] == b"\x89PNG"
     assert not leftovers(ctx.tmp, target.parent)
+
+
+def test_two_openvino_builds_keep_both_sections(ctx: Ctx) -> None:
+    """Two builds into different folders of one export at once: the manifest gets both sections."""
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tgate_trt.engines.cli", str(ctx.export), "--target", "openvino",
+             "--precision", "f32", "--out", str(ctx.export / name)],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for name in ("openvino", "ov2")
+    ]
+    for proc in procs:
+        _, stderr = proc.communicate(timeout=300)
+        assert proc.returncode == 0, stderr
+    engines = json.loads((ctx.export / "manifest.json").read_text())["extra"]["engines"]
+    assert sorted(engines) == ["openvino", "ov2"]
+    assert not leftovers(ctx.export, ctx.tmp), leftovers(ctx.export, ctx.tmp)
+
+
+def test_tensorrt_build_locks_its_out_and_removes_stale_work(ctx: Ctx, monkeypatch, capsys) -> None:
+    """TensorRT is not installed here: the builder is stubbed, the CLI's own part runs for real."""
+    import tgate_trt.engines.cli as cli
+
+    out = ctx.export / "engines"
+    stale = out / ".tgate-build-abc123"
+    stale.mkdir(parents=True)
+    lock = ctx.export / ".engines.lock"
+    seen: list[bool] = []
+
+    def build(export_dir: Path, out_dir: Path, *args: Any) -> dict[str, Any]:
+        seen.append(lock.is_file() and not stale.exists())
+        return {"plans": {}, "gpu": {"name": "stub", "compute_capability": "9.0"}, "tensorrt": "stub"}
+
+    monkeypatch.setattr("tgate_trt.contract.cli.handle_signals", lambda: None)  # keep pytest's own handlers
+    monkeypatch.setattr(cli, "import_tensorrt", lambda: None)
+    monkeypatch.setattr(cli, "build_engines", build)
+    assert cli.main([str(ctx.export)]) == 0
+    assert seen == [True]
+    assert f"removed {stale}, left by an interrupted build" in capsys.readouterr().err
+    assert not leftovers(ctx.export), leftovers(ctx.export)

@@ -82,7 +82,21 @@ def check_output_folder(path: str | os.PathLike[str], option: str = "--out") -> 
     _check_parent(path.resolve() if path.is_symlink() else path, option, create=True)
     if path.is_dir() and not writable(path):
         raise OutputError(f"{option} {path} is not writable; choose another location")
+    OutputDir(path, option=option)._check_unlocked()
     return path
+
+
+@contextlib.contextmanager
+def writer_lock(path: str | os.PathLike[str], option: str = "--out", wait: bool = False) -> Iterator[None]:
+    """One writer at a time for an output updated in place (not swapped): the lock :class:`OutputDir` takes.
+    Without ``wait`` a busy output is an :class:`OutputError`; with it, the turn is awaited."""
+    lock = OutputDir(path, option=option)
+    lock.out.parent.mkdir(parents=True, exist_ok=True)
+    lock._acquire(wait)
+    try:
+        yield
+    finally:
+        lock._release()
 
 
 def _check_parent(path: Path, option: str, create: bool) -> None:
@@ -211,12 +225,12 @@ class OutputDir:
             os.close(fd)
 
     # --- the lock and the swap -----------------------------------------------------------------
-    def _acquire(self) -> None:
+    def _acquire(self, wait: bool = False) -> None:
         path = self.lock_path
         while True:
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
             except OSError as exc:
                 owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
                 os.close(fd)

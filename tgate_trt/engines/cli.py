@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -11,7 +12,7 @@ from .. import manifest as mf
 from ..contract import limits
 from ..contract.cli import Parser, command
 from ..contract.errors import UsageError
-from ..contract.files import check_output_folder
+from ..contract.files import check_output_folder, writer_lock
 from .build import TensorRTMissing, build_engines, import_tensorrt
 from .openvino import DEVICES as OV_DEVICES
 from .openvino import OV_DIR, build_openvino, format_validation
@@ -143,7 +144,11 @@ def main(argv: Sequence[str]) -> int:
         )
     check_output_folder(out)
     import_tensorrt()
-    section = build_engines(args.export_dir, out, options, args.batch, height, width)
+    with writer_lock(out):
+        for stale in sorted(out.glob(".tgate-build-*")):  # work folders of killed builds (we hold the lock)
+            shutil.rmtree(stale, ignore_errors=True)
+            print(f"removed {stale}, left by an interrupted build", file=sys.stderr)
+        section = build_engines(args.export_dir, out, options, args.batch, height, width)
     for key, plan in section["plans"].items():
         print(
             f"{key:<14} {out / plan['file']}  {plan['bytes'] / 2**20:8.1f} MiB  sha256 {plan['sha256'][:12]}"

@@ -21,7 +21,7 @@ import numpy as np
 
 from .. import manifest as mf
 from ..contract.errors import UserError
-from ..contract.files import OutputDir
+from ..contract.files import OutputDir, writer_lock
 from ..export.onnx_io import relative_error
 from ..methods.variants import GraphVariant, source_of
 
@@ -293,9 +293,10 @@ def build_openvino(
                 "rows": rows,
             },
         }
-    manifest = mf.Manifest.load(export_dir, verify=False)  # re-read: publish on top of the latest manifest
-    manifest.extra.setdefault("engines", {})[name] = section
-    manifest.save(export_dir)
+    with writer_lock(export_dir / mf.MANIFEST_NAME, wait=True):  # builds into other --out names, one at a time
+        manifest = mf.Manifest.load(export_dir, verify=False)  # re-read: publish on top of the latest manifest
+        manifest.extra.setdefault("engines", {})[name] = section
+        manifest.save(export_dir)
     return section
 
 
