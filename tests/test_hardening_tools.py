@@ -46,6 +46,11 @@ CASES = [
     ("tgate-macs", ["{tiny}", "--json", "{out}/m.json"], "does not exist: create it first"),
     ("tgate-macs", ["{tiny}", "--json", "{tmp}/dir.json"], "is a folder"),
     ("tgate-macs", ["{tiny}", "--steps", "ten"], "invalid int value"),
+    ("tgate-macs", ["{tiny}", "--schedule", "v2"], "re-export with --schedule v2"),
+    ("tgate-macs", ["{tiny}", "--sp-interval", "0"], "--sp-interval must be an integer in 1..1000"),
+    ("tgate-macs", ["{tiny}", "--schedule", "v1", "--warm-up", "2"], "--warm-up is a V2 parameter"),
+    ("tgate-macs", ["--model", "sd99"], "counting needs an architecture"),
+    ("tgate-macs", [], "name an export folder or --model"),
     # --- tgate-analyze ------------------------------------------------------------------------------
     ("tgate-analyze", [*AN, "--height", "63", "--out", "{out}"], "must be multiples of 16"),
     ("tgate-analyze", [*AN, "--height", "99999", "--out", "{out}"], "--height must be an integer in 1..16384"),

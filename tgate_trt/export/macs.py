@@ -1,17 +1,26 @@
-"""Multiply-accumulate counts read off the exported graphs, per graph and per pipeline run.
+"""Multiply-accumulate counts per graph variant, summed over a T-GATE step plan (V1 or V2).
 
-Counting the ONNX graphs themselves (not the PyTorch modules) means the number describes exactly what a
-runtime executes: Conv, Gemm, weight MatMuls and the activation x activation MatMuls of attention, with
-shapes from ONNX shape inference (with data propagation) at one concrete batch and image size.
+Two sources count the same operations. An export's ONNX graphs: what a runtime executes (Conv, Gemm and
+weight MatMuls, and the activation x activation MatMuls of attention), with shapes from ONNX shape inference
+at one concrete batch and image size. Or, with ``--model``, the PyTorch modules the graphs are exported from
+(:class:`VariantUNet`, the text encoders, the VAE decoder), built from the architecture's configs on the
+``meta`` device and run under torch's ``FlopCounterMode``: no weights, no export, a second for any preset.
+``tests/test_macs.py`` holds the two equal, graph by graph, on the tiny V1 and V2 exports.
+
+A run's count follows the plan (:mod:`methods.plan`): each step runs the variant that serves it
+(:func:`methods.variants.select`), so V1 (``sp = fi = 1, warm_up = 0``) and V2 parameters are counted the
+same way; the baseline is the plain CFG run (every step computes every attention).
 """
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,9 +29,13 @@ from ..contract import limits
 from ..contract.cli import Parser, command
 from ..contract.errors import UsageError
 from ..contract.files import atomic_write_json, check_output_file
+from ..methods.plan import Step, TGateParams, family_plan
+from ..methods.variants import SCHEDULES, GraphVariant, select, variants_for
 
 if TYPE_CHECKING:
     import onnx
+
+V2_DEFAULTS = TGateParams.v2()  # the authors' defaults, for --model (an export has its own)
 
 
 @dataclass
@@ -35,11 +48,18 @@ class GraphMacs:
     def total(self) -> int:
         return self.conv + self.linear + self.attention
 
+    @property
+    def without_attention(self) -> int:
+        """Conv and linear only: calflops' accounting (it doesn't see ``scaled_dot_product_attention``)."""
+        return self.conv + self.linear
 
+
+# --- counting ONNX graphs ---------------------------------------------------------------------------------
 def _dims(manifest: mf.Manifest, key: str, batch: int, lat_h: int, lat_w: int) -> dict[str, int]:
     """Concrete values of every symbolic input dimension of one graph."""
     dims = {
         mf.BATCH: batch,
+        mf.CFG_BATCH: 2 * batch if manifest.model.cfg else batch,  # a CFG graph's self-attention caches
         mf.LATENT_H: lat_h,
         mf.LATENT_W: lat_w,
         "latent_height": lat_h,
@@ -120,6 +140,148 @@ def count_graph(path: Path, dims: dict[str, int]) -> GraphMacs:
     return macs
 
 
+# --- counting PyTorch modules on the meta device ------------------------------------------------------------
+def count_module(fn: Any) -> GraphMacs:
+    """MACs of ``fn()`` (a forward on ``meta`` tensors) from torch's FlopCounterMode: convolutions, weight
+    matmuls (``mm``/``addmm``) and activation x activation matmuls (``bmm``, SDPA). 1 MAC = 2 FLOPs."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        fn()
+    macs = GraphMacs()
+    for op, flops in counter.get_flop_counts()["Global"].items():
+        name = str(op)
+        if "convolution" in name:
+            macs.conv += flops // 2
+        elif name in ("aten.mm", "aten.addmm"):
+            macs.linear += flops // 2
+        elif "bmm" in name or "attention" in name:
+            macs.attention += flops // 2
+        else:
+            raise RuntimeError(f"FlopCounterMode counted {name}, which this counter doesn't classify")
+    return macs
+
+
+@dataclass
+class Architecture:
+    """A model's modules with no weights (``meta``), as a stand-in for the pipeline the exporter reads."""
+
+    name: str
+    pipe: Any  # namespace: unet, vae, text_encoder(_2), scheduler, tokenizer.model_max_length, vae_scale_factor
+    family: mf.ModelFamily
+
+    @property
+    def native(self) -> tuple[int, int]:
+        side = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        return side, side
+
+    @property
+    def multiple(self) -> int:
+        return self.pipe.vae_scale_factor * 2 ** (len(self.pipe.unet.config.block_out_channels) - 1)
+
+
+def _configs(model: str) -> dict[str, Any]:
+    """Configs of ``unet``, ``vae``, ``text_encoder``(``_2``) and ``scheduler``: a preset's, or a diffusers folder's."""
+    from .models import ARCHITECTURES, PRESETS
+
+    if model in ARCHITECTURES:
+        arch = ARCHITECTURES[model]
+        scheduler = arch["scheduler"] if "_class_name" in arch["scheduler"] else {}
+        return {**arch, "scheduler": scheduler, "max_length": 77}
+    folder = Path(model).expanduser()
+    if not folder.is_dir():
+        known = ", ".join(sorted(set(ARCHITECTURES) | set(PRESETS)))
+        raise UsageError(
+            f"--model {model}: counting needs an architecture, a preset ({known}) or a diffusers folder; "
+            "or pass an export folder"
+        )
+    out: dict[str, Any] = {}
+    for part, name in (("unet", "config.json"), ("vae", "config.json"), ("text_encoder", "config.json"),
+                       ("text_encoder_2", "config.json"), ("scheduler", "scheduler_config.json"),
+                       ("tokenizer", "tokenizer_config.json")):  # fmt: skip
+        path = folder / part / name
+        if path.is_file():
+            out[part] = json.loads(path.read_text())
+        elif part in ("unet", "vae", "text_encoder"):
+            raise UsageError(f"--model {model} is not a diffusers folder: no {part}/{name}")
+    out["max_length"] = int(out.pop("tokenizer", {}).get("model_max_length", 77))
+    out.setdefault("scheduler", {})
+    return out
+
+
+def build_architecture(model: str) -> Architecture:
+    """Every module of ``model`` on the ``meta`` device: shapes without weights (nothing is downloaded)."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    from .families import detect_family, make_scheduler
+
+    cfg = _configs(model)
+
+    def text(config: dict[str, Any], cls: Any) -> Any:
+        keep = {k: v for k, v in config.items() if k not in ("pad_token", "_class_name", "architectures")}
+        return cls(CLIPTextConfig(**{"vocab_size": 49408, "max_position_embeddings": cfg["max_length"], **keep}))
+
+    def drop(config: dict[str, Any]) -> dict[str, Any]:
+        return {k: v for k, v in config.items() if not k.startswith("_")}
+
+    with torch.device("meta"):
+        unet = UNet2DConditionModel(**drop(cfg["unet"])).eval()
+        vae = AutoencoderKL(**drop(cfg["vae"])).eval()
+        encoder = text(cfg["text_encoder"], CLIPTextModel).eval()
+        encoder_2 = text(cfg["text_encoder_2"], CLIPTextModelWithProjection).eval() if "text_encoder_2" in cfg else None
+    sched = cfg["scheduler"]
+    scheduler = make_scheduler(sched) if "_class_name" in sched else DDIMScheduler.from_config(sched)
+    pipe = SimpleNamespace(
+        unet=unet,
+        vae=vae,
+        text_encoder=encoder,
+        text_encoder_2=encoder_2,
+        scheduler=scheduler,
+        tokenizer=SimpleNamespace(model_max_length=cfg["max_length"]),
+        vae_scale_factor=2 ** (len(vae.config.block_out_channels) - 1),
+    )
+    return Architecture(model, pipe, detect_family(pipe))
+
+
+def architecture_graph_macs(
+    arch: Architecture, variants: Sequence[GraphVariant], batch: int, height: int, width: int
+) -> dict[str, GraphMacs]:
+    """MACs per call of every graph the export would hold: the text encoder(s), each UNet variant (its
+    replayed caches captured by its source variant, as the exporter makes its examples), the VAE decoder."""
+    import torch
+
+    from .graphs import ExportOptions, unet_example, variant_feeds
+    from .tgate import VariantUNet, remove_tgate
+
+    pipe, family = arch.pipe, arch.family
+    example = {
+        k: v.to("meta")
+        for k, v in unet_example(pipe, ExportOptions(height=height, width=width), batch, family=family).items()
+    }
+    out: dict[str, GraphMacs] = {}
+    encoders = [(mf.TEXT_ENCODER, pipe.text_encoder)]
+    encoders += [(mf.TEXT_ENCODER_2, pipe.text_encoder_2)] if family.added_conditioning else []
+    ids = torch.zeros(2 * batch if family.cfg else batch, pipe.tokenizer.model_max_length, dtype=torch.long)
+    for key, encoder in encoders:
+        out[key] = count_module(lambda e=encoder: e(ids.to("meta"), output_hidden_states=True))
+    modules = {v.key: VariantUNet(pipe.unet, v, family) for v in variants}
+    try:
+        with torch.device("meta"):  # what the feeds make (the timestep) is meta too
+            for v in variants:
+                feeds = variant_feeds(modules, v, example)
+                out[v.key] = count_module(lambda m=modules[v.key], f=feeds: m(**f))
+    finally:
+        remove_tgate(pipe.unet)
+    latents = example[mf.SAMPLE]
+    out[mf.VAE_DECODER] = count_module(lambda: pipe.vae.decode(latents, return_dict=False))
+    return out
+
+
+# --- a run: the plan's calls, totals, the baseline --------------------------------------------------------
 @dataclass
 class RunMacs:
     steps: int
@@ -128,42 +290,172 @@ class RunMacs:
     height: int
     width: int
     per_call: dict[str, GraphMacs] = field(default_factory=dict)
+    sp_interval: int = 1
+    fi_interval: int = 1
+    warm_up: int = 0
+    variants: tuple[GraphVariant, ...] = ()  # the graph set counted (default: V1's, with CFG)
+    model: mf.ModelFamily = field(default_factory=mf.ModelFamily)
+    source: str = ""  # what was counted: "onnx: <export>" or "torch meta: <model>"
 
-    def calls(self, gate: int) -> dict[str, int]:
-        g = min(gate, self.steps)
-        calls = {mf.TEXT_ENCODER: 1, mf.PREGATE: g, mf.POSTGATE: self.steps - g, mf.VAE_DECODER: 1}
-        if mf.TEXT_ENCODER_2 in self.per_call:  # SDXL
-            calls[mf.TEXT_ENCODER_2] = 1
+    def __post_init__(self) -> None:
+        self.variants = tuple(self.variants) or variants_for("v1", self.model.cfg)
+
+    @property
+    def params(self) -> TGateParams:
+        return TGateParams(self.gate_step, self.sp_interval, self.fi_interval, self.warm_up)
+
+    @property
+    def schedule(self) -> str:
+        """The graph set counted: ``v1`` (pre/post-gate) or ``v2`` (self-attention variants too)."""
+        return "v1" if {v.key for v in self.variants} == {mf.PREGATE, mf.POSTGATE} else "v2"
+
+    def _params(self, gate: int | TGateParams | None) -> TGateParams:
+        if isinstance(gate, TGateParams):
+            return gate
+        return self.params if gate is None else TGateParams(gate, self.sp_interval, self.fi_interval, self.warm_up)
+
+    def plan(self, gate: int | TGateParams | None = None) -> list[Step]:
+        """The step plan (first-order schedulers: DDIM, Euler, DPM++ multistep, LCM)."""
+        return family_plan(self.steps, self._params(gate), self.model)
+
+    def unet_keys(self, gate: int | TGateParams | None = None) -> list[str]:
+        """The UNet variant each step runs."""
+        return [select(self.variants, step).key for step in self.plan(gate)]
+
+    def baseline_keys(self) -> list[str]:
+        """The plain run: every step the CFG graph, every attention computed."""
+        return [select(self.variants, Step(i, self.model.cfg)).key for i in range(self.steps)]
+
+    def _calls(self, unet: list[str]) -> dict[str, int]:
+        calls = {k: 1 for k in (mf.TEXT_ENCODER, mf.TEXT_ENCODER_2) if k in self.per_call}
+        calls.update({v.key: 0 for v in self.variants})
+        for key in unet:
+            calls[key] += 1
+        calls[mf.VAE_DECODER] = 1
         return calls
 
-    def total(self, gate: int, graphs: tuple[str, ...] | None = None) -> int:
+    def calls(self, gate: int | TGateParams | None = None) -> dict[str, int]:
+        """Calls per graph in one run of the plan (``gate``: another gate step, or other parameters)."""
+        return self._calls(self.unet_keys(gate))
+
+    def baseline_calls(self) -> dict[str, int]:
+        return self._calls(self.baseline_keys())
+
+    def _sum(self, calls: dict[str, int], graphs: tuple[str, ...] | None, attention: bool = True) -> int:
         graphs = graphs or tuple(self.per_call)  # every graph counted (SDXL: both text encoders)
-        return sum(self.per_call[k].total * n for k, n in self.calls(gate).items() if k in graphs)
+        macs = self.per_call
+        return sum((macs[k].total if attention else macs[k].without_attention) * n
+                   for k, n in calls.items() if k in graphs and n)  # fmt: skip
+
+    @property
+    def unet_graphs(self) -> tuple[str, ...]:
+        return tuple(v.key for v in self.variants)
+
+    def total(self, gate: int | TGateParams | None = None, graphs: tuple[str, ...] | None = None) -> int:
+        return self._sum(self.calls(gate), graphs)
+
+    def baseline(self, graphs: tuple[str, ...] | None = None, attention: bool = True) -> int:
+        return self._sum(self.baseline_calls(), graphs, attention)
+
+    def split(self) -> tuple[list[int], list[int]]:
+        """UNet MACs of each step that computes cross-attention (pre-gate) and of each that replays it."""
+        pre, post = [], []
+        for key in self.unet_keys():
+            v = next(x for x in self.variants if x.key == key)
+            (pre if v.reads_text else post).append(self.per_call[key].total)
+        return pre, post
 
     @property
     def ratio(self) -> float:
-        """r: post-gate / pre-gate MACs per step."""
-        return self.per_call[mf.POSTGATE].total / self.per_call[mf.PREGATE].total
+        """r: MACs of a post-gate step over a pre-gate step, each averaged over the plan's steps (V1: the
+        post-gate graph over the pre-gate graph); the graphs' ratio when the plan has no post-gate step."""
+        pre, post = self.split()
+        if pre and post:
+            return (sum(post) / len(post)) / (sum(pre) / len(pre))
+        cfg = select(self.variants, Step(0, self.model.cfg)).key
+        gated = select(self.variants, Step(0, False, frozenset({"attn2"}))).key
+        return self.per_call[gated].total / self.per_call[cfg].total
 
     @property
     def bound(self) -> float:
-        """UNet speed-up bound ``N / (g + (N - g) r)`` if time were proportional to MACs."""
-        n, g = self.steps, min(self.gate_step, self.steps)
-        return n / (g + (n - g) * self.ratio)
+        """UNet speed-up bound (baseline MACs over the plan's) if time were proportional to MACs; V1: ``N / (g +
+        (N - g) r)``."""
+        unet = self.unet_graphs
+        return self.baseline(unet) / self.total(None, unet)
 
     def to_dict(self) -> dict[str, object]:
-        unet = (mf.PREGATE, mf.POSTGATE)
+        unet = self.unet_graphs
+        plain = {k: v for k, v in asdict(self).items() if k not in ("per_call", "variants", "model")}
         return {
-            **{k: v for k, v in asdict(self).items() if k != "per_call"},
+            **plain,
+            "schedule": self.schedule,
+            "family": self.model.family,
             "per_call": {k: {**asdict(v), "total": v.total} for k, v in self.per_call.items()},
-            "run_total": {"tgate": self.total(self.gate_step), "baseline": self.total(self.steps)},
-            "unet_total": {
-                "tgate": self.total(self.gate_step, unet),
-                "baseline": self.total(self.steps, unet),
+            "calls": self.calls(),
+            "plan": self.unet_keys(),
+            "run_total": {"tgate": self.total(), "baseline": self.baseline()},
+            "unet_total": {"tgate": self.total(None, unet), "baseline": self.baseline(unet)},
+            "unet_total_without_attention_scores": {
+                "tgate": self._sum(self.calls(), unet, attention=False),
+                "baseline": self.baseline(unet, attention=False),
             },
             "ratio_post_over_pre": self.ratio,
             "speedup_bound": self.bound,
         }
+
+
+# --- requests ---------------------------------------------------------------------------------------------
+def resolve_params(
+    gate_step: int,
+    schedule: str | None,
+    sp_interval: int | None,
+    fi_interval: int | None,
+    warm_up: int | None,
+    default_schedule: str = "v1",
+    v2_defaults: dict[str, Any] | None = None,
+) -> TGateParams:
+    """The run's T-GATE parameters. ``schedule`` v1 is ``sp = fi = 1, warm_up = 0``; v2 takes each interval
+    given, else ``v2_defaults`` (a V2 export's own; default: the authors' 5 / 1 / 2). No schedule: v2 if an
+    interval is given, else ``default_schedule`` (an export's)."""
+    given = {"sp_interval": sp_interval, "fi_interval": fi_interval, "warm_up": warm_up}
+    if schedule is not None and schedule not in SCHEDULES:
+        raise UsageError(f"--schedule must be one of {', '.join(SCHEDULES)}, got {schedule!r}")
+    schedule = schedule or ("v2" if any(v is not None for v in given.values()) else default_schedule)
+    if schedule == "v1":
+        v1 = asdict(TGateParams.v1(gate_step))
+        bad = [k for k, v in given.items() if v is not None and v != v1[k]]
+        if bad:
+            raise UsageError(f"--{bad[0].replace('_', '-')} is a V2 parameter: use it with --schedule v2")
+        return TGateParams.v1(gate_step)
+    base = {k: (v2_defaults or asdict(V2_DEFAULTS))[k] for k in given}
+    return TGateParams(gate_step, **{k: base[k] if v is None else v for k, v in given.items()})
+
+
+def _check_numbers(steps: int, gate_step: int, batch: int, sizes: Sequence[int | None]) -> None:
+    limits.check_steps(steps, name="--steps")
+    limits.check_int("--gate", gate_step, 1, None, ": the cache comes from a step before the gate")
+    limits.check_int("--batch", batch, 1, limits.MAX_BATCH)
+    for name, value in zip(("--height", "--width", "--max-pixels"), sizes, strict=True):
+        if value is not None:
+            limits.check_int(name, value, 1)
+
+
+def _check_params(params_in: dict[str, int | None]) -> None:
+    hint = " (1 recomputes self-attention every step)"
+    for name in ("sp_interval", "fi_interval"):
+        if params_in.get(name) is not None:
+            limits.check_int(f"--{name.replace('_', '-')}", params_in[name], 1, limits.MAX_STEPS, hint)
+    if params_in.get("warm_up") is not None:
+        limits.check_int("--warm-up", params_in["warm_up"], 0, limits.MAX_STEPS)
+
+
+def _serve(run: RunMacs, where: str) -> None:
+    """Every step of the plan has a graph to run, or a UsageError saying how to get one."""
+    try:
+        for step in run.plan():
+            select(run.variants, step)
+    except UsageError as exc:
+        raise UsageError(f"{where}: {exc}") from None
 
 
 def check_request(
@@ -174,20 +466,26 @@ def check_request(
     height: int | None = None,
     width: int | None = None,
     max_pixels: int | None = None,
+    schedule: str | None = None,
+    sp_interval: int | None = None,
+    fi_interval: int | None = None,
+    warm_up: int | None = None,
 ) -> RunMacs:
-    """Every check before a graph is read: the numbers, then the manifest and the image size it takes.
-    Returns the (empty) run with the export's default size filled in."""
-    limits.check_steps(steps, name="--steps")
-    limits.check_int("--gate", gate_step, 1, None, ": the cache comes from a step before the gate")
-    limits.check_int("--batch", batch, 1, limits.MAX_BATCH)
-    for name, value in (("--height", height), ("--width", width), ("--max-pixels", max_pixels)):
-        if value is not None:
-            limits.check_int(name, value, 1)
+    """Every check before a graph is read: the numbers, then the manifest, the image size it takes and
+    whether its graph variants serve the plan. Returns the (empty) run with the export's size filled in."""
+    _check_numbers(steps, gate_step, batch, (height, width, max_pixels))
+    _check_params({"sp_interval": sp_interval, "fi_interval": fi_interval, "warm_up": warm_up})
     manifest = mf.Manifest.load(root, verify=False)
     height = manifest.defaults["height"] if height is None else height
     width = manifest.defaults["width"] if width is None else width
     manifest.latent_size(height, width, max_pixels)
-    return RunMacs(steps, gate_step, batch, height, width)
+    v2 = manifest.defaults if manifest.schedule == "v2" else None
+    params = resolve_params(gate_step, schedule, sp_interval, fi_interval, warm_up, manifest.schedule, v2)
+    variants = tuple(GraphVariant.from_dict(k, v) for k, v in manifest.variants.items())
+    run = RunMacs(steps, gate_step, batch, height, width, {}, params.sp_interval, params.fi_interval,
+                  params.warm_up, variants, manifest.model, f"onnx: {root}")  # fmt: skip
+    _serve(run, f"{root} is a {manifest.schedule} export")
+    return run
 
 
 def pipeline_macs(
@@ -198,48 +496,135 @@ def pipeline_macs(
     height: int | None = None,
     width: int | None = None,
     max_pixels: int | None = None,
+    schedule: str | None = None,
+    sp_interval: int | None = None,
+    fi_interval: int | None = None,
+    warm_up: int | None = None,
+    graphs: Sequence[str] | None = None,
 ) -> RunMacs:
-    """MACs per graph call at one batch and image size (default: the export's), and per run."""
-    run = check_request(root, steps, gate_step, batch, height, width, max_pixels)
+    """MACs per graph call read off an export's ONNX graphs at one batch and image size (default: the
+    export's), and per run of the plan (default parameters: the export's). ``graphs``: count only these
+    (e.g. the UNet variants); totals then cover only them."""
+    run = check_request(root, steps, gate_step, batch, height, width, max_pixels, schedule, sp_interval,
+                        fi_interval, warm_up)  # fmt: skip
     manifest = mf.Manifest.load(root, verify=False)
     lat_h, lat_w = manifest.latent_size(run.height, run.width, max_pixels)
     for key, spec in manifest.graphs.items():
+        if graphs is not None and key not in graphs:
+            continue
         run.per_call[key] = count_graph(root / spec.file, _dims(manifest, key, batch, lat_h, lat_w))
     return run
 
 
+def check_model_request(
+    model: str,
+    steps: int = 25,
+    gate_step: int = 10,
+    batch: int = 1,
+    height: int | None = None,
+    width: int | None = None,
+    schedule: str | None = None,
+    sp_interval: int | None = None,
+    fi_interval: int | None = None,
+    warm_up: int | None = None,
+) -> tuple[RunMacs, Architecture]:
+    """The numbers, the architecture (configs only, weights on ``meta``) and the image size it takes."""
+    _check_numbers(steps, gate_step, batch, (height, width, None))
+    _check_params({"sp_interval": sp_interval, "fi_interval": fi_interval, "warm_up": warm_up})
+    arch = build_architecture(model)
+    height = arch.native[0] if height is None else height
+    width = arch.native[1] if width is None else width
+    if height % arch.multiple or width % arch.multiple:
+        raise UsageError(f"--height and --width must be multiples of {arch.multiple} for {model}, got {height}x{width}")
+    v2 = None if arch.family.cfg else asdict(TGateParams.v1(1))  # guidance-free: the authors' LCM mode, 1 / 1 / 0
+    params = resolve_params(gate_step, schedule, sp_interval, fi_interval, warm_up, "v1", v2)
+    given = schedule or ("v2" if any(v is not None for v in (sp_interval, fi_interval, warm_up)) else "v1")
+    variants = variants_for(given, arch.family.cfg)
+    run = RunMacs(steps, gate_step, batch, height, width, {}, params.sp_interval, params.fi_interval,
+                  params.warm_up, variants, arch.family, f"torch meta: {model}")  # fmt: skip
+    _serve(run, f"--model {model}")
+    return run, arch
+
+
+def model_macs(
+    model: str,
+    steps: int = 25,
+    gate_step: int = 10,
+    batch: int = 1,
+    height: int | None = None,
+    width: int | None = None,
+    schedule: str | None = None,
+    sp_interval: int | None = None,
+    fi_interval: int | None = None,
+    warm_up: int | None = None,
+) -> RunMacs:
+    """MACs of a model's graphs counted off its PyTorch modules on the ``meta`` device (no weights, no
+    export), at one batch and image size (default: the model's native), and per run of the plan. No
+    schedule and no interval: V1; ``--schedule v2`` alone: the authors' V2 defaults."""
+    run, arch = check_model_request(model, steps, gate_step, batch, height, width, schedule, sp_interval,
+                                    fi_interval, warm_up)  # fmt: skip
+    run.per_call = architecture_graph_macs(arch, run.variants, batch, run.height, run.width)
+    return run
+
+
+# --- the report -------------------------------------------------------------------------------------------
+def _unit(value: int) -> tuple[float, str]:
+    """The unit a report prints in: T(era) MACs for real models, G or M for the tiny ones."""
+    return next((scale, name) for scale, name in ((1e12, "T"), (1e9, "G"), (1e6, "M")) if value >= scale or name == "M")
+
+
 def format_report(run: RunMacs) -> str:
-    t = 1e12
+    p, unet, calls = run.params, run.unet_graphs, run.calls()
+    u, name = _unit(run.baseline())
     lines = [
-        f"MACs at {run.width}x{run.height}, batch {run.batch}, {run.steps} steps, gate {run.gate_step}",
+        f"MACs at {run.width}x{run.height}, batch {run.batch}, {run.steps} steps, gate {run.gate_step}, "
+        f"sp_interval {p.sp_interval}, fi_interval {p.fi_interval}, warm_up {p.warm_up} "
+        f"({run.schedule} graphs; {run.source})",
         "",
+        f"{'graph':<16} " + " ".join(f"{c + ' ' + name:>9}" for c in ("conv", "linear", "attn", "total")) + "  calls",
     ]
-    lines.append(f"{'graph':<15} {'conv T':>9} {'linear T':>9} {'attn T':>9} {'total T':>9} {'calls':>6}")
-    calls = run.calls(run.gate_step)
     for key, m in run.per_call.items():
         lines.append(
-            f"{key:<15} {m.conv / t:>9.4f} {m.linear / t:>9.4f} {m.attention / t:>9.4f} {m.total / t:>9.4f} "
-            f"{calls[key]:>6}"
+            f"{key:<16} {m.conv / u:>9.4f} {m.linear / u:>9.4f} {m.attention / u:>9.4f} {m.total / u:>9.4f} "
+            f"{calls.get(key, 0):>6}"
         )
-    unet = (mf.PREGATE, mf.POSTGATE)
+    plain = run._sum(calls, unet, attention=False)
     lines += [
         "",
-        f"UNet per run:     baseline {run.total(run.steps, unet) / t:.3f} T"
-        f" -> T-GATE {run.total(run.gate_step, unet) / t:.3f} T",
-        f"pipeline per run: baseline {run.total(run.steps) / t:.3f} T -> T-GATE {run.total(run.gate_step) / t:.3f} T",
-        f"r = post/pre = {run.ratio:.4f};  UNet speed-up bound N/(g+(N-g)r) = {run.bound:.3f}x",
+        f"UNet per run:     baseline {run.baseline(unet) / u:.3f} {name} -> T-GATE "
+        f"{run.total(None, unet) / u:.3f} {name}",
+        f"pipeline per run: baseline {run.baseline() / u:.3f} {name} -> T-GATE {run.total() / u:.3f} {name}",
+        f"UNet without attention-score MatMuls (calflops' accounting): baseline "
+        f"{run.baseline(unet, attention=False) / u:.3f} {name} -> T-GATE {plain / u:.3f} {name}",
+        f"r = post/pre-gate step = {run.ratio:.4f};  UNet speed-up bound (baseline / plan MACs) = {run.bound:.3f}x",
     ]
     return "\n".join(lines)
 
 
 def build_parser() -> Parser:
-    ap = Parser(prog="tgate-macs", description="Count MACs of an export's graphs per run.")
-    ap.add_argument("export_dir", type=Path, help="folder written by tgate-export")
+    ap = Parser(
+        prog="tgate-macs",
+        description="Count MACs per graph variant and per run of a T-GATE plan (V1 or V2), off an export's "
+        "graphs or, with --model, off the architecture's PyTorch modules (no weights).",
+    )
+    ap.add_argument("export_dir", type=Path, nargs="?", help="folder written by tgate-export")
+    ap.add_argument(
+        "--model", help="count a preset's (or a diffusers folder's) architecture instead of an export: no weights"
+    )
     ap.add_argument("--steps", type=int, default=25, help=f"denoising steps, 1..{limits.MAX_STEPS}")
     ap.add_argument("--gate", type=int, default=10, help="gate step (>= --steps: no gating)")
+    ap.add_argument(
+        "--schedule",
+        choices=SCHEDULES,
+        help="v1: attn2 cached; v2: attn1 on a schedule too (default: the export's; --model: v1 unless an "
+        "interval is given)",
+    )
+    ap.add_argument("--sp-interval", type=int, help="V2: attn1 recomputed every this many steps before the gate")
+    ap.add_argument("--fi-interval", type=int, help="V2: attn1 recomputed every this many steps after the gate")
+    ap.add_argument("--warm-up", type=int, help="V2: steps before attn1 caching starts")
     ap.add_argument("--batch", type=int, default=1, help=f"prompts per call, 1..{limits.MAX_BATCH}")
-    ap.add_argument("--height", type=int, help="image height (default: the export's)")
-    ap.add_argument("--width", type=int, help="image width (default: the export's)")
+    ap.add_argument("--height", type=int, help="image height (default: the export's, or the model's native)")
+    ap.add_argument("--width", type=int, help="image width (default: the export's, or the model's native)")
     ap.add_argument("--max-pixels", type=int, help="cap on height*width (default: the export's, 4x its native size)")
     ap.add_argument("--json", type=Path, metavar="FILE.json", help="write the counts here")
     return ap
@@ -248,11 +633,19 @@ def build_parser() -> Parser:
 @command("tgate-macs")
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
+    if (args.export_dir is None) == (args.model is None):
+        raise UsageError("name an export folder or --model (an architecture to count without weights), not both")
     if args.json is not None:
         check_output_file(args.json, (".json",), "--json")
-    size = (args.height, args.width, args.max_pixels)
-    check_request(args.export_dir, args.steps, args.gate, args.batch, *size)
-    run = pipeline_macs(args.export_dir, args.steps, args.gate, args.batch, *size)
+    plan = (args.schedule, args.sp_interval, args.fi_interval, args.warm_up)
+    if args.model is not None:
+        if args.max_pixels is not None:
+            raise UsageError("--max-pixels caps an export's sizes; --model allocates nothing, so it has no cap")
+        run = model_macs(args.model, args.steps, args.gate, args.batch, args.height, args.width, *plan)
+    else:
+        size = (args.height, args.width, args.max_pixels)
+        check_request(args.export_dir, args.steps, args.gate, args.batch, *size, *plan)
+        run = pipeline_macs(args.export_dir, args.steps, args.gate, args.batch, *size, *plan)
     print(format_report(run))
     if args.json:
         atomic_write_json(args.json, run.to_dict())
