@@ -1,22 +1,37 @@
 """The TensorRT runtime backend without TensorRT or a GPU: plan compatibility checks and the backend's
-buffer logic (shared activations, zero-copy gate) against a fake engine on CPU tensors. The real build
+buffer logic (shared activations, zero-copy cache hand-off between any two variants, CUDA-graph keying)
+against a fake engine on CPU tensors, driven by the real sampler and step plans (V1 and V2). The real build
 and run skip with the reason where the TensorRT builder or a CUDA GPU is absent."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+import torch
+from test_engines import fix_gate_dims
 
 from tgate_trt import manifest as mf
 from tgate_trt.engines.build import TensorRTMissing, build_engines, import_tensorrt
 from tgate_trt.engines.options import BuildOptions
-from tgate_trt.engines.profiles import concrete_shape
-from tgate_trt.runtime.trt_engine import PlanMismatch, SharedActivations, TrtEngine, check_plan
+from tgate_trt.engines.profiles import concrete_shape, profiles_for
+from tgate_trt.methods.plan import TGateParams, plan
+from tgate_trt.methods.sampler import denoise
+from tgate_trt.methods.variants import GraphVariant, select
+from tgate_trt.runtime.trt_engine import (
+    PlanMismatch,
+    SharedActivations,
+    TrtEngine,
+    check_plan,
+    check_section,
+    check_variants,
+)
 
 
 @pytest.fixture(scope="module")
@@ -71,11 +86,41 @@ def test_check_plan_compatibility_options() -> None:
         check_plan(SECTION, mf.POSTGATE, **OK)
 
 
+@pytest.fixture(scope="module")
+def v2_manifest(v2_export: Callable[[str], Path]) -> mf.Manifest:
+    return fix_gate_dims(mf.Manifest.load(v2_export("tiny")))
+
+
+def test_check_section_needs_every_variant(v2_manifest: mf.Manifest) -> None:
+    plans = {k: {"file": f"{k}.plan", "sha256": "ab" * 32, "variant": v2_manifest.variants.get(k)}
+             for k in v2_manifest.graphs}  # fmt: skip
+    check_section({**SECTION, "plans": plans}, v2_manifest)
+    older = {k: {kk: vv for kk, vv in p.items() if kk != "variant"} for k, p in plans.items()}
+    check_section({**SECTION, "plans": older}, v2_manifest)  # sections from before V2 record no variant
+    without = {k: p for k, p in plans.items() if k != "unet_r1"}
+    with pytest.raises(PlanMismatch, match="no plan for unet_r1 .*v2 graphs .*rebuild with tgate-build"):
+        check_section({**SECTION, "plans": without}, v2_manifest)
+    with pytest.raises(PlanMismatch, match="plans for unet_pregate, which this export does not have"):
+        check_section({**SECTION, "plans": {**plans, mf.PREGATE: SECTION["plans"][mf.PREGATE]}}, v2_manifest)
+    other = {**plans, "unet_r1": {**plans["unet_r1"], "variant": v2_manifest.variants["unet_c1"]}}
+    with pytest.raises(PlanMismatch, match="unet_r1: the plan was built for variant"):
+        check_section({**SECTION, "plans": other}, v2_manifest)
+
+
+def test_check_variants(v2_manifest: mf.Manifest) -> None:
+    variants = [GraphVariant.from_dict(k, v) for k, v in v2_manifest.variants.items()]
+    check_variants(variants)
+    bad = dataclasses.replace(variants[0], replay=frozenset({"attn1"}))  # unet_c1 captures attn1
+    with pytest.raises(mf.ManifestError, match="unet_c1 both replays and captures attn1"):
+        check_variants([bad])
+
+
 # --- the TRT backend's buffers, against a fake engine on CPU tensors ---------------------------------
 class FakeContext:
     def __init__(self, shapes: dict[str, Any]) -> None:
         self.shapes, self.addresses, self.input_shapes, self.memory = shapes, {}, {}, None
         self.runs = 0
+        self.on_run: Callable[[dict[str, int]], None] | None = None  # what "the GPU" does with the addresses
 
     def set_device_memory(self, ptr: int, size: int) -> None:
         self.memory = (ptr, size)
@@ -93,6 +138,8 @@ class FakeContext:
 
     def execute_async_v3(self, stream: int) -> bool:
         self.runs += 1
+        if self.on_run is not None:
+            self.on_run(dict(self.addresses))
         return True
 
 
@@ -158,22 +205,148 @@ def test_trt_backend_shares_activations_and_gates_without_copy(
     assert isinstance(pre.numpy(second[mf.NOISE_PRED]), np.ndarray)
 
 
-# --- real TensorRT + GPU ------------------------------------------------------------------------------
-def test_build_and_run_tiny_engines_match_ort(tiny_export: Path, tmp_path: Path) -> None:
-    trt = _real_tensorrt()
-    import torch
+FAKE_TRT = types.SimpleNamespace(
+    ExecutionContextAllocationStrategy=types.SimpleNamespace(USER_MANAGED="USER_MANAGED"),
+    TensorIOMode=types.SimpleNamespace(INPUT="INPUT"),
+)
 
+
+class Device:
+    """Stands in for the GPU: a run reads, at each cache input's bound address, the tag its producer wrote,
+    and writes its own tag (the UNet call's index) into every output buffer at the addresses it was given.
+    Addresses are resolved only among live engine buffers, so a dangling address fails the test."""
+
+    def __init__(self) -> None:
+        self.engines: list[TrtEngine] = []
+        self.calls: list[tuple[str, dict[str, float], dict[str, int]]] = []  # (engine, tags read, addresses)
+        self.replays = 0
+
+    def find(self, ptr: int) -> torch.Tensor:
+        for e in self.engines:
+            for t in [*e.outputs.values(), *e._bound.values(), *e._staged.values()]:
+                if t.data_ptr() == ptr:
+                    return t
+        raise AssertionError(f"address {ptr:#x} is no live buffer")
+
+    def run(self, engine: TrtEngine, addresses: dict[str, int]) -> None:
+        caches = [n for n in engine.input_names if n.startswith(("cache_", "self_"))]
+        tags = {n: float(self.find(addresses[n]).flatten()[0]) for n in caches}
+        for n in engine.output_names:
+            self.find(addresses[n]).fill_(len(self.calls))
+        self.calls.append((engine.name, tags, addresses))
+
+
+class FakeGraph:
+    def __init__(self, device: Device, engine: TrtEngine) -> None:
+        self.device, self.engine, self.addresses = device, engine, dict(engine.context.addresses)
+
+    def replay(self) -> None:  # a CUDA graph runs with the addresses it was captured with
+        self.device.replays += 1
+        self.device.run(self.engine, self.addresses)
+
+
+class FakeScheduler:
+    def __init__(self, n: int) -> None:
+        self.timesteps = torch.arange(n, 0, -1)
+
+    def scale_model_input(self, x: torch.Tensor, t: Any) -> torch.Tensor:
+        return x
+
+    def step(self, noise: torch.Tensor, t: Any, latents: torch.Tensor, return_dict: bool = False) -> Any:
+        return (latents,)
+
+
+def _run_plan(
+    manifest: mf.Manifest, steps: int, params: TGateParams, cuda_graph: bool, monkeypatch: pytest.MonkeyPatch
+) -> tuple[Device, dict[str, TrtEngine], list[GraphVariant], list[Any]]:
+    """The real sampler loop and engine runner over fake engines for every UNet variant of ``manifest``."""
+    from tgate_trt.runtime.pipeline import _EngineRunner
+
+    monkeypatch.setitem(sys.modules, "tensorrt", FAKE_TRT)
+    device, shared = Device(), SharedActivations("cpu")
+    monkeypatch.setattr(TrtEngine, "_capture", lambda self: FakeGraph(device, self))
+    variants = [GraphVariant.from_dict(k, v) for k, v in manifest.variants.items()]
+    engines = {}
+    for i, v in enumerate(variants):
+        fake = _fake_engine(manifest, v.key, 1000 * (i + 1))
+        engines[v.key] = TrtEngine(v.key, manifest.graphs[v.key], fake, shared, FakeStream(), cuda_graph)  # type: ignore[arg-type]
+        fake.ctx.on_run = lambda addresses, e=engines[v.key]: device.run(e, addresses)
+        device.engines.append(engines[v.key])
+    cond = {
+        n: np.ones(shape[1], np.float32)
+        for v in variants
+        for n, shape in profiles_for(manifest, v.key, 1, 32, 32).items()
+        if n in mf.conditioning_inputs(manifest.model, cfg=v.cfg, text=v.reads_text)
+    }
+    steps_plan = plan(steps, params, manifest.model.cfg)
+    runner = _EngineRunner(engines, manifest.model, cond)  # type: ignore[arg-type]
+    denoise(steps_plan, variants, manifest.sites, runner, runner.conditioning, FakeScheduler(steps),
+            torch.zeros(1, 4, 4, 4))  # fmt: skip
+    return device, engines, variants, steps_plan
+
+
+@pytest.mark.parametrize("cuda_graph", [False, True], ids=["eager", "cuda-graphs"])
+@pytest.mark.parametrize(
+    ("steps", "params"),
+    [(25, TGateParams.v2()), (12, TGateParams(5, 2, 3, 1)), (8, TGateParams.v1(3))],
+    ids=["v2-defaults", "v2-fi3", "v1-plan"],
+)
+def test_v2_handoffs_zero_copy_and_never_overwritten(
+    v2_manifest: mf.Manifest, steps: int, params: TGateParams, cuda_graph: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every replaying call reads, at the very addresses of its producer's output buffers (no copy), exactly
+    what the capturing call the plan names wrote there: no later call overwrote it in between."""
+    device, engines, variants, steps_plan = _run_plan(v2_manifest, steps, params, cuda_graph, monkeypatch)
+    assert len(device.calls) == steps
+    source: dict[str, int] = {}  # kind -> step whose capture the sampler holds
+    producers: dict[tuple[str, str], set[str]] = {}
+    for (name, tags, addresses), step in zip(device.calls, steps_plan, strict=True):
+        variant = select(variants, step)
+        assert name == variant.key
+        for kind in sorted(variant.replay):
+            i = source[kind]
+            producer = engines[device.calls[i][0]]
+            producers.setdefault((name, kind), set()).add(producer.name)
+            for n in v2_manifest.sites[kind]:
+                assert tags[n] == i, (step.index, name, n)  # the capture of step i, not overwritten
+                assert addresses[n] == producer.outputs[n].data_ptr(), (step.index, name, n)  # zero-copy
+        source.update({kind: step.index for kind, _ in step.capture})
+    assert producers  # the plan replays something
+    for e in engines.values():
+        assert not set(e._staged) & {n for names in v2_manifest.sites.values() for n in names}
+    if cuda_graph:
+        assert device.replays > 0 and not any(e.context.runs == e.calls for e in engines.values() if e.calls > 2)
+        if params.fi_interval == 3:  # unet_post_r12 reads self_NN from two producers: one graph each
+            assert producers[("unet_post_r12", "attn1")] == {"unet_gate", "unet_post_r2_c1"}
+            assert len(engines["unet_post_r12"]._graphs) == 2
+    else:
+        assert device.replays == 0
+
+
+# --- real TensorRT + GPU ------------------------------------------------------------------------------
+@pytest.mark.parametrize("schedule", ["v1", "v2"])
+def test_build_and_run_tiny_engines_match_ort(
+    schedule: str, tiny_export: Path, v2_export: Callable[[str], Path], tmp_path: Path
+) -> None:
+    """Real TensorRT on a GPU: a plan for every graph (each V2 variant), and the TRT pipeline (caches handed
+    over by address, CUDA graphs) equals ONNX Runtime, each variant called as often as the plan says."""
+    trt = _real_tensorrt()
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU visible to torch (a CUDA build of torch)")
-    from tgate_trt.runtime.pipeline import TGatePipeline
+    from tgate_trt.runtime.pipeline import TGatePipeline, make_scheduler
     from tgate_trt.runtime.trt_engine import load_engines
 
-    section = build_engines(tiny_export, tmp_path / "plans", BuildOptions(), 1, 64, 64)
-    assert section["tensorrt"] == trt.__version__ and set(section["plans"]) == set(mf.GRAPH_KEYS)
-    ref = TGatePipeline.from_export(tiny_export)
-    engines = load_engines(tiny_export, tmp_path / "plans", cuda_graphs=True)
-    pipe = TGatePipeline(tiny_export, ref.manifest, dict(engines), ref.tokenizer)
-    a = ref("a red circle", num_inference_steps=10, gate_step=4, seed=0)
-    b = pipe("a red circle", num_inference_steps=10, gate_step=4, seed=0)
+    export = tiny_export if schedule == "v1" else v2_export("tiny")
+    section = build_engines(export, tmp_path / "plans", BuildOptions(), 1, 64, 64)
+    ref = TGatePipeline.from_export(export)
+    assert section["tensorrt"] == trt.__version__ and set(section["plans"]) == set(ref.manifest.graphs)
+    engines = load_engines(export, tmp_path / "plans", cuda_graphs=True)
+    pipe = TGatePipeline(export, ref.manifest, dict(engines), ref.tokenizer)
+    params = TGateParams.v1(4) if schedule == "v1" else TGateParams(5, 2, 3, 1)
+    kwargs = {"num_inference_steps": 12, "gate_step": params.gate_step, "seed": 0, "scheduler": "ddim",
+              "sp_interval": params.sp_interval, "fi_interval": params.fi_interval, "warm_up": params.warm_up}
+    a, b = ref("a red circle", **kwargs), pipe("a red circle", **kwargs)
     assert np.abs(a.latents - b.latents).max() < 1e-2
-    assert b.calls[mf.PREGATE] == 4 and b.calls[mf.POSTGATE] == 6
+    steps = pipe.plan(12, params, make_scheduler("ddim", pipe.scheduler_config))
+    for key in ref.manifest.variants:
+        assert b.calls[key] == sum(select(pipe.variants, s).key == key for s in steps), key

@@ -1,9 +1,24 @@
 """Build TensorRT plans for every graph of an export folder.
 
+Every graph ``manifest.graphs`` lists gets a plan: the text encoder(s), each UNet variant of the export's
+schedule (V1: ``unet_pregate``, ``unet_postgate``; V2: ``unet_c1``, ``unet_r1``, ``unet_gate``,
+``unet_post_r2_c1``, ``unet_post_r12``) and the VAE decoder; no graph name is special here. Before TensorRT is
+even imported, every profile is computed from the manifest and every cache hand-off between variants is
+checked (:func:`.profiles.check_handoffs`: what a capturing variant outputs is exactly what each variant
+replaying it accepts, at min, opt and max). The graphs of one build share one timing cache in memory (the
+UNet variants have most layers in common, so later variants reuse the first one's tactic timings), saved to
+``--timing-cache`` when given.
+
 TensorRT is imported lazily: without it, ``build_engines`` raises ``TensorRTMissing`` (saying what to
 install) before anything is written. Plans are written atomically as ``<out>/<graph>.plan``; the last
-file written is ``<out>/engines.json``, the ``engines`` manifest section, so its presence means the
-build completed.
+file written is ``<out>/engines.json``, the ``engines`` manifest section (each plan with its file, sha256,
+profile, the shapes it outputs and, for a UNet variant, what it replays and captures), so its presence
+means the build completed.
+
+Not verifiable without TensorRT and a GPU (no such machine here): that TensorRT's parser takes every
+variant's ONNX, that the plans build, and that their outputs match ONNX Runtime; the GPU test in
+``tests/test_trt_backend.py`` does that where TensorRT is installed. Everything before the first TensorRT
+call runs in the tests against a stand-in ``tensorrt`` module.
 """
 
 from __future__ import annotations
@@ -20,7 +35,7 @@ from typing import Any
 from .. import manifest as mf
 from ..contract.errors import UsageError, UserError
 from .options import BuilderSettings, BuildOptions, apply_settings, builder_settings, save_timing_cache
-from .profiles import Profile, all_profiles, is_static
+from .profiles import Profile, all_profiles, check_handoffs, is_static, output_shapes
 
 ENGINES_JSON = "engines.json"
 SECTION_FORMAT = 1
@@ -139,9 +154,15 @@ def _build_one(
     onnx_path: Path,
     profile: Profile,
     key: str,
-) -> bytes:
+    timing_cache: Any = None,
+) -> tuple[bytes, Any]:
+    """One plan; returns it with the timing cache to hand to the next graph of the build (the first graph
+    creates it: from ``--timing-cache`` when given, else empty)."""
     config = builder.create_builder_config()
     network = apply_settings(trt, builder, config, settings)
+    if timing_cache is None:
+        timing_cache = config.get_timing_cache() if settings.timing_cache else config.create_timing_cache(b"")
+    config.set_timing_cache(timing_cache, False)
     parser = trt.OnnxParser(network, logger)
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
@@ -151,7 +172,7 @@ def _build_one(
     if plan is None:
         raise RuntimeError(f"TensorRT could not build {key}: see the TensorRT log above")
     save_timing_cache(config, settings)
-    return bytes(plan)
+    return bytes(plan), timing_cache
 
 
 def build_engines(
@@ -163,10 +184,11 @@ def build_engines(
     width: int,
     graphs: tuple[str, ...] | None = None,
 ) -> dict[str, Any]:
-    """Build one plan per graph and return the ``engines`` section (also written to ``engines.json``).
+    """Build one plan per graph (default: every graph the manifest lists) and return the ``engines``
+    section (also written to ``engines.json``).
 
-    Everything that can be checked without TensorRT (manifest, sizes, options) is checked first, then
-    TensorRT is imported; only then is ``out_dir`` created.
+    Everything that can be checked without TensorRT (manifest, sizes, options, cache hand-offs between the
+    variants) is checked first, then TensorRT is imported; only then is ``out_dir`` created.
     """
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     manifest = mf.Manifest.load(export_dir, verify=True)
@@ -176,7 +198,11 @@ def build_engines(
             "fp32 or fp16 source export"
         )
     keys = graphs or tuple(manifest.graphs)
+    unknown = [k for k in keys if k not in manifest.graphs]
+    if unknown:
+        raise UsageError(f"the export has no graph {', '.join(unknown)}; it has {', '.join(manifest.graphs)}")
     profiles = all_profiles(manifest, batch, height, width, options.dynamic, keys)
+    check_handoffs(manifest, batch, height, width, options.dynamic, keys)
     settings = builder_settings(options, manifest)
     trt = import_tensorrt()
     gpu = gpu_info()
@@ -192,13 +218,16 @@ def build_engines(
     logger = trt.Logger(trt.Logger.WARNING)
     builder = trt.Builder(logger)
     plans: dict[str, Any] = {}
+    timing_cache: Any = None
     try:
         for key in keys:
             spec = manifest.graphs[key]
             onnx_path, steps = prepare_onnx(
                 export_dir / spec.file, work / key, fold=not options.strip_weights
             )
-            data = _build_one(trt, builder, logger, settings, onnx_path, profiles[key], key)
+            data, timing_cache = _build_one(
+                trt, builder, logger, settings, onnx_path, profiles[key], key, timing_cache
+            )
             digest = write_atomic(out_dir / f"{key}.plan", data)
             plans[key] = {
                 "file": f"{key}.plan",
@@ -207,6 +236,11 @@ def build_engines(
                 "onnx": spec.file,  # refit source for weight-stripped plans (relative to the export)
                 "onnx_steps": steps,
                 "profile": {name: [list(s) for s in shapes] for name, shapes in profiles[key].items()},
+                "outputs": {
+                    name: [list(s) for s in shapes]
+                    for name, shapes in output_shapes(manifest, key, batch, height, width, options.dynamic).items()
+                },
+                "variant": manifest.variants.get(key),  # {cfg, replay, capture}; None for non-UNet graphs
             }
             shutil.rmtree(work / key, ignore_errors=True)
     finally:
@@ -218,6 +252,7 @@ def build_engines(
         "options": options.to_dict(),
         "settings": settings.to_dict(),
         "shape": {"batch": batch, "height": height, "width": width},
+        "schedule": manifest.schedule,
         "static": all(is_static(p) for p in profiles.values()),
         "plans": plans,
     }
