@@ -2,26 +2,36 @@
 
 tgate-triton EXPORT_DIR --repo OUT [--name sd15_tgate] [--kind cpu|gpu] [--instances N] [--backend ort|openvino|trt]
 tgate-triton --as-backend DIR          # install DIR/tgate/model.py (Python-based backend)
-tgate-triton --serve OUT               # run the nvidia-pytriton tritonserver on a repository
+tgate-triton --serve OUT               # run the nvidia-pytriton tritonserver on a repository, with a watchdog
+
+A mistake (a bad flag, a modified export, an output that isn't ours) is one line on stderr and exit 2,
+found before anything is written or started.
 """
 
 from __future__ import annotations
 
 import argparse
-import signal
+import contextlib
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+from ..contract.cli import Parser, command
+from ..contract.errors import UsageError
 from .config import FORMS, KINDS
-from .contract import DEFAULT_MAX_STEPS
-from .repository import BACKENDS, RepoOptions, RepositoryError, generate_repository, install_backend
+from .contract import DEFAULT_MAX_BATCH, DEFAULT_MAX_STEPS, QUEUES
+from .repository import BACKENDS, RepoOptions, generate_repository, install_backend
+
+if TYPE_CHECKING:
+    from .server import TritonServer
+
+PROG = "tgate-triton"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="tgate-triton", description="Serve a tgate-export folder with Triton Inference Server."
-    )
+    p = Parser(prog=PROG, description="Serve a tgate-export folder with Triton Inference Server.")
     p.add_argument("export_dir", type=Path, nargs="?", help="folder written by tgate-export")
     mode = p.add_argument_group("what to do (one of)")
     mode.add_argument("--repo", type=Path, help="write the model into this Triton model repository")
@@ -43,54 +53,135 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--link", action="store_true", help="reference EXPORT_DIR instead of copying it")
     g.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS, help="requests asking more steps fail")
+    g.add_argument(
+        "--max-pixels", type=int, default=None, help="pixels per image a request may ask (default: the export's cap)"
+    )
+    g.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="prompts per request")
+    g.add_argument(
+        "--queue",
+        default="model",
+        choices=QUEUES,
+        help='where image jobs wait: "model" (inside the instance; bad requests are refused on arrival) or '
+        '"triton" (Triton\'s queue; a bad request waits for its turn)',
+    )
     g.add_argument("--threads", type=int, default=0, help="threads per instance (0: the backend's default)")
     g.add_argument("--steps", type=int, default=None, help="default steps (default: the export's)")
     g.add_argument("--gate", type=int, default=None, help="default gate step (default: the export's)")
     g.add_argument("--guidance", type=float, default=None, help="default guidance scale (default: the export's)")
     g.add_argument("--scheduler", default="", help="scheduler for every request (default: the export's own)")
     g.add_argument("--env", type=Path, default=None, help="Python environment the model runs in (default: this)")
-    g.add_argument("--force", action="store_true", help="replace an existing model of the same name")
+    g.add_argument("--force", action="store_true", help="replace a model folder this tool wrote earlier")
     s = p.add_argument_group("server (with --serve)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on")
     s.add_argument("--http-port", type=int, default=8000)
     s.add_argument("--grpc-port", type=int, default=8001)
+    s.add_argument("--health-port", type=int, default=8003, help="the watchdog's /live and /ready probes (0: none)")
+    s.add_argument(
+        "--watchdog", type=float, default=2.0, metavar="SECONDS", help="seconds between health checks (0: no watchdog)"
+    )
+    s.add_argument("--probe-interval", type=float, default=10.0, help="seconds between probe requests to each model")
+    s.add_argument(
+        "--probe-timeout", type=float, default=30.0, help="seconds a probe request may take (3 misses: restart)"
+    )
+    s.add_argument("--exit-timeout", type=int, default=10, help="seconds Triton drains requests when stopping")
     return p
 
 
-def _fail(msg: str) -> int:
-    print(f"tgate-triton: error: {msg}", file=sys.stderr)
-    return 2
+def _port(name: str, port: int, zero_ok: bool = False) -> int:
+    if not (zero_ok and port == 0) and not 1 <= port <= 65535:
+        raise UsageError(f"{name} must be in 1..65535{' (or 0)' if zero_ok else ''}, got {port}")
+    return port
+
+
+def _check_serve(args: argparse.Namespace) -> None:
+    """Cheap checks before a server starts: the repository holds models, the ports are usable and free."""
+    from .server import port_in_use
+
+    repo = args.serve
+    if not repo.is_dir():
+        raise UsageError(f"--serve {repo}: no such folder: write a repository with {PROG} EXPORT --repo first")
+    if not any(repo.glob("*/config.pbtxt")):
+        raise UsageError(f"--serve {repo} holds no model (no */config.pbtxt): write one with {PROG} EXPORT --repo")
+    ports = {"--http-port": _port("--http-port", args.http_port), "--grpc-port": _port("--grpc-port", args.grpc_port)}
+    if args.health_port:
+        ports["--health-port"] = _port("--health-port", args.health_port, zero_ok=True)
+    if len(set(ports.values())) != len(ports):
+        raise UsageError(f"{', '.join(ports)} must differ, got {', '.join(str(v) for v in ports.values())}")
+    for name, port in ports.items():
+        if port_in_use(args.host, port):
+            raise UsageError(f"{name} {port} on {args.host} is in use (another server?): choose another port")
+    if args.watchdog < 0 or args.probe_interval < 0 or args.probe_timeout <= 0:
+        raise UsageError("--watchdog and --probe-interval must be >= 0 seconds, --probe-timeout > 0")
+    if args.exit_timeout < 0:
+        raise UsageError(f"--exit-timeout must be >= 0 seconds, got {args.exit_timeout}")
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from .server import TritonServer, TritonUnavailable
+    from .server import TritonServer, TritonStartError
 
-    try:
-        with tempfile.TemporaryDirectory(prefix="tgate-triton-") as work:
-            server = TritonServer(args.serve, work, args.host, args.http_port, args.grpc_port)
-            signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # run __exit__, which stops the server
-            try:
-                with server:
-                    print(
-                        f"tritonserver ready in {server.startup_seconds:.1f}s: HTTP {server.http_url}, "
-                        f"gRPC {server.grpc_url}; log {server.log_path} (Ctrl-C stops it)",
-                        flush=True,
-                    )
-                    assert server.process is not None
-                    code = server.process.wait()
-                    print(f"tritonserver exited with code {code}:\n{server.log_tail()}", file=sys.stderr)
-                    return 1
-            except KeyboardInterrupt:
-                return 0
-    except (TritonUnavailable, FileNotFoundError, RuntimeError) as exc:
-        return _fail(str(exc))
+    _check_serve(args)
+    with tempfile.TemporaryDirectory(prefix="tgate-triton-") as work:
+        # explicit model control, every model loaded at start: models can be (re)loaded through the API
+        server = TritonServer(
+            args.serve,
+            work,
+            args.host,
+            args.http_port,
+            args.grpc_port,
+            extra_args=["--model-control-mode=explicit", "--load-model=*"],
+            exit_timeout=args.exit_timeout,
+        )
+        try:
+            with server:
+                print(
+                    f"tritonserver ready in {server.startup_seconds:.1f}s: HTTP {server.http_url}, "
+                    f"gRPC {server.grpc_url}; log {server.log_path} (Ctrl-C stops it)",
+                    flush=True,
+                )
+                return _supervise(server, args)
+        except TritonStartError as exc:
+            if args.debug and exc.log_tail:
+                print(exc.log_tail, file=sys.stderr)
+            raise
 
 
-def main(argv: list[str] | None = None) -> int:
+def _supervise(server: TritonServer, args: argparse.Namespace) -> int:
+    """Run the watchdog (and its probe server) until a signal; without a watchdog, wait for the server."""
+    from .watchdog import HealthServer, Watchdog, WatchdogGaveUp
+
+    if args.watchdog <= 0:
+        assert server.process is not None
+        code = server.process.wait()
+        print(f"{PROG}: tritonserver exited with code {code}:\n{server.log_tail()}", file=sys.stderr)
+        return 1
+    dog = Watchdog(
+        server,
+        interval=args.watchdog,
+        probe_interval=args.probe_interval,
+        probe_timeout=args.probe_timeout,
+        log=lambda line: print(line, flush=True),
+    )
+    with contextlib.ExitStack() as stack:
+        if args.health_port:
+            health = stack.enter_context(HealthServer(dog, args.host, args.health_port))
+            print(
+                f"watchdog every {args.watchdog:g}s; probes: http://{args.host}:{health.port}/live and /ready",
+                flush=True,
+            )
+        try:
+            dog.run()
+        except WatchdogGaveUp as exc:
+            print(f"{PROG}: watchdog: giving up: {exc}\n{server.log_tail()}", file=sys.stderr)
+            return 1
+    return 0
+
+
+@command(PROG)
+def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
     modes = [m for m in ("repo", "as_backend", "serve") if getattr(args, m) is not None]
     if len(modes) != 1:
-        return _fail("give exactly one of --repo (with EXPORT_DIR), --as-backend DIR, --serve REPO")
+        raise UsageError("give exactly one of --repo (with EXPORT_DIR), --as-backend DIR, --serve REPO")
     if args.serve is not None:
         return _serve(args)
     if args.as_backend is not None:
@@ -98,7 +189,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f'installed the tgate backend: {path} (serve models whose config.pbtxt says backend: "tgate")')
         return 0
     if args.export_dir is None:
-        return _fail("--repo needs EXPORT_DIR, the folder written by tgate-export")
+        raise UsageError("--repo needs EXPORT_DIR, the folder written by tgate-export")
     opts = RepoOptions(
         name=args.name,
         form=args.form,
@@ -107,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
         backend=args.backend,
         link=args.link,
         max_steps=args.max_steps,
+        max_pixels=args.max_pixels,
+        max_batch=args.max_batch,
+        queue=args.queue,
         threads=args.threads,
         engines=args.engines,
         steps=args.steps,
@@ -116,10 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         env=args.env,
         force=args.force,
     )
-    try:
-        model = generate_repository(args.export_dir, args.repo, opts)
-    except (RepositoryError, OSError) as exc:
-        return _fail(str(exc))
+    model = generate_repository(args.export_dir, args.repo, opts)
     how = "model.py" if opts.form == "model" else 'backend "tgate", installed with --as-backend'
     where = "linked" if opts.link else "copied"
     print(f"wrote {model}: {how}; {opts.instances} x {opts.kind}, {opts.backend}; artifacts {where}")

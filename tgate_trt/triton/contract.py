@@ -1,20 +1,21 @@
-"""The served model's interface, in one place: inputs, output, parameters, and request parsing.
+"""The served model's interface, in one place: inputs, outputs, parameters, and request parsing.
 
 The config writer declares exactly these tensors and parameters, and the Triton model parses requests
 with :func:`parse_request`, so the two can't drift apart. Nothing here imports Triton: the parsing
-runs on plain numpy arrays and is usable (and testable) outside the server.
+runs on plain numpy arrays and is usable (and testable) outside the server. The bounds are the ones
+the CLI and the Python API apply (:mod:`tgate_trt.contract.limits`), so a value refused there is
+refused here with the same message.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from .. import manifest as mf
+from ..contract import limits
 from ..contract.errors import UsageError
 
 
@@ -26,10 +27,12 @@ class TensorDecl:
     optional: bool = True
 
 
-IMAGE = "image"
+IMAGE = "image"  # [H, W, 3]: the image of a one-prompt request
+IMAGES = "images"  # [B, H, W, 3]: one image per prompt
+TRUNCATED = "truncated_tokens"  # [B]: a prompt's token count where it is past the text encoder window, else 0
 INPUTS = (
-    TensorDecl("prompt", "TYPE_STRING", (1,), optional=False),
-    TensorDecl("negative_prompt", "TYPE_STRING", (1,)),
+    TensorDecl("prompt", "TYPE_STRING", (-1,), optional=False),  # 1..max_batch prompts
+    TensorDecl("negative_prompt", "TYPE_STRING", (-1,)),  # one for all prompts, or one per prompt
     TensorDecl("seed", "TYPE_INT64", (1,)),
     TensorDecl("steps", "TYPE_INT32", (1,)),
     TensorDecl("gate_step", "TYPE_INT32", (1,)),
@@ -37,17 +40,22 @@ INPUTS = (
     TensorDecl("height", "TYPE_INT32", (1,)),
     TensorDecl("width", "TYPE_INT32", (1,)),
 )
-OUTPUTS = (TensorDecl(IMAGE, "TYPE_UINT8", (-1, -1, 3), optional=False),)
+OUTPUTS = (
+    TensorDecl(IMAGE, "TYPE_UINT8", (-1, -1, 3), optional=False),
+    TensorDecl(IMAGES, "TYPE_UINT8", (-1, -1, -1, 3), optional=False),
+    TensorDecl(TRUNCATED, "TYPE_INT32", (-1,), optional=False),
+)
 
 # numpy dtype kinds each Triton type arrives as (Triton itself rejects other wire types first).
 _KINDS = {"TYPE_STRING": "OSU", "TYPE_INT64": "iu", "TYPE_INT32": "iu", "TYPE_FP32": "f"}
 
 DEFAULT_MAX_STEPS = 50
-SEED_LIMIT = 2**63
+DEFAULT_MAX_BATCH = 4  # prompts per request (the API's cap is limits.MAX_BATCH; a server's is smaller)
+QUEUES = ("model", "triton")  # where image jobs wait: inside the model (bad requests refused on arrival) or Triton
 
 
 class RequestError(UsageError):
-    """A request the model refuses; the message goes back to the client as-is."""
+    """A request the model refuses; the message goes back to the client as-is (HTTP 400, INVALID_ARGUMENT)."""
 
 
 @dataclass(frozen=True)
@@ -61,16 +69,30 @@ class Settings:
     width: int
     max_steps: int = DEFAULT_MAX_STEPS
     scheduler: str = ""  # empty: the export's own scheduler
+    size_multiple: int = 8  # image sizes the export's graphs take are multiples of this
+    max_pixels: int = 0  # pixels per image (0: limits.default_max_pixels of the default size)
+    max_batch: int = DEFAULT_MAX_BATCH
+    queue: str = "model"
+
+    @property
+    def pixel_cap(self) -> int:
+        return self.max_pixels or limits.default_max_pixels(self.height, self.width)
 
     def check(self) -> None:
         """Refuse settings no request could be served with, before anything is written or loaded."""
-        if not isinstance(self.max_steps, int) or not 1 <= self.max_steps <= mf.MAX_STEPS:
-            raise UsageError(f"max_steps must be in 1..{mf.MAX_STEPS}, got {self.max_steps!r}")
-        if not 1 <= self.steps <= self.max_steps:
-            raise UsageError(f"default steps must be in 1..max_steps ({self.max_steps}), got {self.steps}")
-        mf.check_gate(self.steps, self.gate_step)
-        if not math.isfinite(self.guidance_scale):
-            raise UsageError(f"default guidance_scale must be finite, got {self.guidance_scale!r}")
+        limits.check_int("max_steps", self.max_steps, 1, limits.MAX_STEPS)
+        limits.check_steps(self.steps, self.max_steps, f"default steps (at most max_steps, {self.max_steps})")
+        limits.check_gate(self.steps, self.gate_step)
+        limits.check_float("default guidance_scale", self.guidance_scale, 0.0, limits.GUIDANCE_MAX)
+        limits.check_int("max_pixels", self.max_pixels, 0)
+        limits.check_int("max_batch", self.max_batch, 1, limits.MAX_BATCH)
+        limits.check_int("size multiple", self.size_multiple, 1)
+        if self.queue not in QUEUES:
+            raise UsageError(f"queue must be one of {', '.join(QUEUES)}, got {self.queue!r}")
+        try:
+            limits.check_size(self.height, self.width, self.size_multiple, self.pixel_cap)
+        except UsageError as exc:
+            raise UsageError(f"the default image size does not fit: {exc}") from exc
 
     def to_parameters(self) -> dict[str, str]:
         return {
@@ -81,31 +103,46 @@ class Settings:
             "default_width": str(self.width),
             "max_steps": str(self.max_steps),
             "scheduler": self.scheduler,
+            "size_multiple": str(self.size_multiple),
+            "max_pixels": str(self.pixel_cap),
+            "max_batch": str(self.max_batch),
+            "queue": self.queue,
         }
 
     @classmethod
-    def from_parameters(cls, params: Mapping[str, str]) -> Settings:
-        try:
-            settings = cls(
-                steps=int(params["default_steps"]),
-                gate_step=int(params["default_gate_step"]),
-                guidance_scale=float(params["default_guidance_scale"]),
-                height=int(params["default_height"]),
-                width=int(params["default_width"]),
-                max_steps=int(params.get("max_steps", DEFAULT_MAX_STEPS)),
-                scheduler=params.get("scheduler", ""),
-            )
-        except KeyError as exc:
-            missing = exc.args[0]
-            raise UsageError(f"config.pbtxt lacks the parameter {missing!r}: regenerate it with tgate-triton") from exc
+    def from_parameters(cls, params: Mapping[str, str], size_multiple: int | None = None) -> Settings:
+        """Settings from config.pbtxt; ``size_multiple`` (the loaded export's) wins over the stored one."""
+
+        def number(key: str, kind: type, default: str | None = None) -> Any:
+            text = params.get(key, default)
+            if text is None:
+                raise UsageError(f"config.pbtxt lacks the parameter {key!r}: regenerate it with tgate-triton")
+            try:
+                return kind(text)
+            except ValueError:
+                raise UsageError(f"config.pbtxt parameter {key!r} must be a {kind.__name__}, got {text!r}") from None
+
+        settings = cls(
+            steps=number("default_steps", int),
+            gate_step=number("default_gate_step", int),
+            guidance_scale=number("default_guidance_scale", float),
+            height=number("default_height", int),
+            width=number("default_width", int),
+            max_steps=number("max_steps", int, str(DEFAULT_MAX_STEPS)),
+            scheduler=params.get("scheduler", ""),
+            size_multiple=size_multiple or number("size_multiple", int, "8"),
+            max_pixels=number("max_pixels", int, "0"),
+            max_batch=number("max_batch", int, str(DEFAULT_MAX_BATCH)),
+            queue=params.get("queue", "model") or "model",
+        )
         settings.check()
         return settings
 
 
 @dataclass(frozen=True)
 class GenerateRequest:
-    prompt: str
-    negative_prompt: str | None
+    prompts: list[str]
+    negative_prompts: list[str] | None
     seed: int
     steps: int
     gate_step: int
@@ -113,11 +150,15 @@ class GenerateRequest:
     height: int
     width: int
 
+    @property
+    def batch(self) -> int:
+        return len(self.prompts)
+
     def pipeline_kwargs(self) -> dict[str, Any]:
         """Keyword arguments for ``TGatePipeline.__call__``."""
         return {
-            "prompt": self.prompt,
-            "negative_prompt": self.negative_prompt,
+            "prompt": self.prompts,
+            "negative_prompt": self.negative_prompts,
             "num_inference_steps": self.steps,
             "gate_step": self.gate_step,
             "guidance_scale": self.guidance_scale,
@@ -126,62 +167,82 @@ class GenerateRequest:
             "seed": self.seed,
         }
 
+    def check_args(self) -> tuple[list[str], list[str] | None, int, int, float, int, int]:
+        """Arguments for ``TGatePipeline.check`` (the pipeline's own checks: readable tokens, static shapes)."""
+        negatives = self.negative_prompts
+        if negatives is not None and len(negatives) == 1 and self.batch > 1:
+            negatives = negatives * self.batch
+        return (self.prompts, negatives, self.steps, self.gate_step, self.guidance_scale, self.height, self.width)
+
+
+def _decl(name: str) -> TensorDecl:
+    return next(d for d in INPUTS if d.name == name)
+
+
+def _strings(name: str, array: np.ndarray) -> list[str]:
+    array = np.asarray(array)
+    if array.dtype.kind not in _KINDS["TYPE_STRING"]:
+        raise RequestError(f"{name} must be STRING (BYTES), got {array.dtype}")
+    texts = []
+    for value in array.reshape(-1):
+        if isinstance(value, bytes):
+            try:
+                value = value.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise RequestError(f"{name} is not valid UTF-8 ({exc.reason})") from exc
+        texts.append(str(value))
+    return texts
+
 
 def _scalar(name: str, array: np.ndarray) -> Any:
-    decl = next(d for d in INPUTS if d.name == name)
+    decl = _decl(name)
     array = np.asarray(array)
     if array.size != 1:
         raise RequestError(f"{name} must hold exactly one value, got shape {list(array.shape)}")
     if array.dtype.kind not in _KINDS[decl.data_type]:
         raise RequestError(f"{name} must be {decl.data_type[5:]}, got {array.dtype}")
-    value = array.reshape(-1)[0]
-    if decl.data_type == "TYPE_STRING":
-        if isinstance(value, bytes):
-            try:
-                return value.decode("utf-8")
-            except UnicodeDecodeError as exc:
-                raise RequestError(f"{name} is not valid UTF-8 ({exc.reason})") from exc
-        return str(value)
-    return value.item()
+    return array.reshape(-1)[0].item()
 
 
 def parse_request(get: Callable[[str], np.ndarray | None], settings: Settings) -> GenerateRequest:
     """Read and check one request's inputs; ``get(name)`` returns the array or None when absent.
 
-    Everything that depends only on the request is checked here; the export's own limits (sizes the
-    graphs take) are checked by the pipeline before any graph runs.
+    Everything that depends only on the request and the settings is checked here, with the bounds of
+    :mod:`tgate_trt.contract.limits`; what needs the loaded export (readable tokens, static graph
+    shapes) is checked by ``TGatePipeline.check``, still before any graph runs.
     """
 
     def value(name: str, default: Any) -> Any:
         array = get(name)
         return default if array is None else _scalar(name, array)
 
-    prompt = value("prompt", None)
-    if prompt is None:
+    array = get("prompt")
+    if array is None:
         raise RequestError("the input 'prompt' is required")
-    if not prompt.strip():
-        raise RequestError("prompt is empty: send a text describing the image")
-    req = GenerateRequest(
-        prompt=prompt,
-        negative_prompt=value("negative_prompt", None),
-        seed=int(value("seed", 0)),
-        steps=int(value("steps", settings.steps)),
-        gate_step=int(value("gate_step", settings.gate_step)),
-        guidance_scale=float(value("guidance_scale", settings.guidance_scale)),
-        height=int(value("height", settings.height)),
-        width=int(value("width", settings.width)),
-    )
-    if not 0 <= req.seed < SEED_LIMIT:
-        raise RequestError(f"seed must be in 0..2**63-1, got {req.seed}")
-    if not 1 <= req.steps <= settings.max_steps:
-        raise RequestError(f"steps must be in 1..{settings.max_steps} (this model's max_steps), got {req.steps}")
-    if req.gate_step <= 0:
-        raise RequestError(
-            f"gate_step must be >= 1, got {req.gate_step}: the cache comes from the last CFG step; "
-            "send gate_step >= steps for a plain CFG run"
+    prompts = _strings("prompt", array)
+    limits.check_batch(len(prompts), settings.max_batch)
+    if any(not p.strip() for p in prompts):
+        raise RequestError("prompt is empty: pass a text describing the image")
+    negative = get("negative_prompt")
+    negatives = None if negative is None else _strings("negative_prompt", negative)
+    if negatives is not None and len(negatives) not in (1, len(prompts)):
+        raise RequestError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
+    try:
+        steps = limits.check_steps(value("steps", settings.steps), settings.max_steps, "steps")
+        height, width = limits.check_size(
+            value("height", settings.height), value("width", settings.width), settings.size_multiple, settings.pixel_cap
         )
-    if not math.isfinite(req.guidance_scale):
-        raise RequestError(f"guidance_scale must be a finite number, got {req.guidance_scale!r}")
-    if req.height <= 0 or req.width <= 0:
-        raise RequestError(f"height and width must be positive, got {req.height}x{req.width}")
-    return req
+        return GenerateRequest(
+            prompts=prompts,
+            negative_prompts=negatives,
+            seed=limits.check_seed(value("seed", 0)),
+            steps=steps,
+            gate_step=limits.check_gate(steps, value("gate_step", settings.gate_step)),
+            guidance_scale=limits.check_guidance(value("guidance_scale", settings.guidance_scale)),
+            height=height,
+            width=width,
+        )
+    except RequestError:
+        raise
+    except UsageError as exc:
+        raise RequestError(str(exc)) from exc

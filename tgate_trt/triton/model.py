@@ -1,4 +1,4 @@
-"""Triton Python model hosting ``TGatePipeline``: one request, one image.
+"""Triton Python model hosting ``TGatePipeline``: one request, one image per prompt.
 
 This file is copied as-is into a model's version folder (``<repo>/<model>/1/model.py``) or installed
 as a Python-based backend (``<backends>/tgate/model.py``); it only runs inside Triton's Python stub.
@@ -6,22 +6,36 @@ It imports nothing from the environment at module level: the stub's interpreter 
 environment's packages yet, so ``initialize`` first puts them on ``sys.path`` (from the ``site_packages``
 parameter) and only then imports numpy and tgate_trt.
 
-Each request is independent: the T-GATE caches live in the pipeline call's locals (tensors, never
-module state), so concurrent instances and consecutive requests can't share a cache. A bad request
-gets an error response and the model keeps serving.
+Requests are checked on arrival (``tgate_trt.triton.contract.parse_request``, then the pipeline's own
+checks), and a bad one is answered at once (INVALID_ARG: HTTP 400, gRPC INVALID_ARGUMENT). With the
+``queue`` parameter at ``model`` (the default) good requests wait in this instance's own queue and one
+worker thread runs them in order, answering through each request's response sender, so ``execute``
+returns at once and a bad request never waits behind image jobs; with ``triton`` they wait in Triton's
+queue and ``execute`` runs them itself. Each request is independent: the T-GATE caches live in the
+pipeline call's locals, so instances and consecutive requests can't share one.
+
+Memory: the ONNX Runtime sessions this model creates share one CPU arena (parameter ``ort_cpu_arena``:
+``shared``, ``session`` or ``off``), and after every image job a one-token text encoder run shrinks it
+and glibc's ``malloc_trim(0)`` follows, so a large request's memory goes back to the system instead of
+staying with the stub, at the arena's speed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import json
 import os
+import queue
 import site
 import sys
+import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import triton_python_backend_utils as pb_utils  # provided by Triton's Python backend stub
+import triton_python_backend_utils as pb_utils  # type: ignore[import-not-found, unused-ignore]  # Triton's stub
 
 
 def _parameters(model_config: dict[str, Any]) -> dict[str, str]:
@@ -44,9 +58,101 @@ def _pin_device(kind: str, device_id: str) -> None:
     os.environ["CUDA_VISIBLE_DEVICES"] = devices[int(device_id)] if devices else device_id
 
 
-def _error(message: str, invalid: bool) -> Any:
-    code = getattr(pb_utils.TritonError, "INVALID_ARG" if invalid else "INTERNAL", None)
-    return pb_utils.TritonError(message) if code is None else pb_utils.TritonError(message, code)
+def _flag(params: dict[str, str], key: str, default: bool) -> bool:
+    text = params.get(key, "").strip().lower()
+    return default if not text else text in ("1", "true", "yes", "on")
+
+
+def _malloc_trim() -> Callable[[], None]:
+    """glibc's ``malloc_trim(0)``: hand freed heap memory back to the system (a no-op elsewhere)."""
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
+
+    def release() -> None:
+        trim(0)
+
+    return release
+
+
+ARENAS = ("shared", "session", "off")
+
+
+@contextlib.contextmanager
+def _ort_cpu_arena(mode: str) -> Iterator[None]:
+    """While the pipeline loads, ONNX Runtime sessions get the CPU arena ``mode`` asks for.
+
+    ``shared``: one arena registered with ORT's environment, used by every session (config entry
+    ``session.use_env_allocators``), so one shrinking run gives a large request's memory back;
+    ``off``: no arena (every tensor straight from malloc); ``session``: ORT's default, an arena per
+    session that keeps what it grew. The runtime creates its sessions with default options and the
+    stub process is this model's own, so the options are set here, for the load only."""
+    if mode not in ARENAS:
+        raise ValueError(f"parameter ort_cpu_arena must be one of {', '.join(ARENAS)}, got {mode!r}")
+    try:
+        import onnxruntime as ort  # type: ignore[import-untyped, unused-ignore]
+    except ImportError:
+        yield
+        return
+    base = ort.SessionOptions
+    if mode == "session":
+        yield
+        return
+    if mode == "shared":
+        cpu = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+        ort.create_and_register_allocator(cpu, None)
+
+    class Options(base):  # type: ignore[misc, valid-type]
+        def __init__(self) -> None:
+            super().__init__()
+            if mode == "shared":
+                self.add_session_config_entry("session.use_env_allocators", "1")
+            else:
+                self.enable_cpu_mem_arena = False
+
+    ort.SessionOptions = Options
+    try:
+        yield
+    finally:
+        ort.SessionOptions = base
+
+
+def _arena_shrinker(pipe: Any, mode: str) -> Callable[[], None]:
+    """A tiny run (a text encoder on one token) that asks ORT to shrink the shared CPU arena after it:
+    every free chunk goes back to the system. A no-op unless the arena is ``shared``."""
+    if mode != "shared":
+        return lambda: None
+    import numpy as np
+    import onnxruntime as ort  # type: ignore[import-untyped, unused-ignore]
+
+    from tgate_trt import manifest as mf
+
+    engine = pipe.engines.get(mf.TEXT_ENCODER)
+    session = getattr(engine, "session", None)
+    if not isinstance(session, ort.InferenceSession):
+        return lambda: None
+    feeds = {
+        spec.name: np.zeros([d if isinstance(d, int) else 1 for d in spec.shape], dtype=spec.dtype)
+        for spec in pipe.manifest.graphs[mf.TEXT_ENCODER].inputs
+    }
+    options = ort.RunOptions()
+    options.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
+
+    def shrink() -> None:
+        session.run(None, feeds, options)
+
+    return shrink
+
+
+def _error(message: str, code: str = "INVALID_ARG") -> Any:
+    value = getattr(pb_utils.TritonError, code, None)
+    return pb_utils.TritonError(message) if value is None else pb_utils.TritonError(message, value)
+
+
+def _error_response(message: str, code: str = "INVALID_ARG") -> Any:
+    return pb_utils.InferenceResponse(output_tensors=[], error=_error(" ".join(message.split()), code))
 
 
 class TritonPythonModel:
@@ -72,49 +178,151 @@ class TritonPythonModel:
 
         self.np = np
         self.name = args.get("model_instance_name", config.get("name", "tgate"))
-        self.settings = Settings.from_parameters(params)
+        settings = Settings.from_parameters(params)  # a bad config fails here, before the export loads
         artifacts = Path(params.get("artifacts", ""))
         if not artifacts.is_absolute():
             artifacts = Path(args["model_repository"]).resolve() / artifacts
         start = time.perf_counter()
-        # from_export checks every artifact against its sha256 in manifest.json (ManifestError names the file).
         backend = params.get("backend", "ort")
         providers = ["CPUExecutionProvider"] if kind == "CPU" and backend == "ort" else None  # KIND_CPU: no CUDA
-        self.pipe = TGatePipeline.from_export(
-            artifacts,
-            backend=backend,
-            providers=providers,
-            threads=int(params.get("threads", "0") or 0),
-            engines=params.get("engines") or None,
-        )
+        arena = (params.get("ort_cpu_arena") or "shared").strip().lower() if backend == "ort" else "session"
+        # from_export checks every file of the export against its sha256 in manifest.json (graphs,
+        # tokenizer, scheduler, configs); a missing or changed file fails the load, naming the file.
+        with _ort_cpu_arena(arena):
+            self.pipe: Any = TGatePipeline.from_export(
+                artifacts,
+                backend=backend,
+                providers=providers,
+                threads=int(params.get("threads", "0") or 0),
+                engines=params.get("engines") or None,
+                max_pixels=settings.pixel_cap,
+            )
+        self.settings = Settings.from_parameters(params, size_multiple=self.pipe.manifest.size_multiple)
+        self._shrink = _arena_shrinker(self.pipe, arena)
+        self._trim = _malloc_trim() if _flag(params, "malloc_trim", True) else (lambda: None)
+        self.jobs: queue.Queue[Any] = queue.Queue()
+        self.worker: threading.Thread | None = None
+        if self.settings.queue == "model":
+            self.worker = threading.Thread(target=self._work, name=f"{self.name}-jobs", daemon=True)
+            self.worker.start()
         pb_utils.Logger.log_info(
-            f"{self.name}: loaded {artifacts} ({backend}, {kind}) in {time.perf_counter() - start:.1f}s"
+            f"{self.name}: loaded {artifacts} ({backend}, {kind}, queue {self.settings.queue}, "
+            f"ORT CPU arena {arena}) in {time.perf_counter() - start:.1f}s"
         )
 
+    # --- one request ---------------------------------------------------------------------------
     def _input(self, request: Any, name: str) -> Any:
         tensor = pb_utils.get_input_tensor_by_name(request, name)
         return None if tensor is None else tensor.as_numpy()
 
-    def _run(self, request: Any) -> Any:
-        from tgate_trt.triton.contract import IMAGE, parse_request
+    def _admit(self, request: Any) -> tuple[Any, set[str]]:
+        """The parsed request and the outputs to send, or a ValueError saying what is wrong (no graph runs)."""
+        from tgate_trt.triton.contract import IMAGE, IMAGES, RequestError, parse_request
 
         req = parse_request(lambda name: self._input(request, name), self.settings)
-        result = self.pipe(**req.pipeline_kwargs(), scheduler=self.settings.scheduler or None)
-        image = self.np.ascontiguousarray(self.np.asarray(result.images[0].convert("RGB"), dtype=self.np.uint8))
-        return pb_utils.InferenceResponse(output_tensors=[pb_utils.Tensor(IMAGE, image)])
+        self.pipe.check(*req.check_args())  # readable tokens, negative prompts, the graphs' shapes
+        wanted = set(request.requested_output_names())
+        if req.batch > 1 and IMAGE in wanted and IMAGES not in wanted:
+            raise RequestError(
+                f"{req.batch} prompts make {req.batch} images: request the output '{IMAGES}' "
+                f"([{req.batch}, H, W, 3]); '{IMAGE}' holds the image of a one-prompt request"
+            )
+        return req, wanted
 
-    def execute(self, requests: list[Any]) -> list[Any]:
-        responses = []
-        for request in requests:
+    def _run(self, req: Any, wanted: set[str]) -> Any:
+        from tgate_trt.triton.contract import IMAGE, IMAGES, TRUNCATED
+
+        np = self.np
+        result = self.pipe(**req.pipeline_kwargs(), scheduler=self.settings.scheduler or None)
+        images = np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in result.images])
+        outputs = []
+        if IMAGE in wanted and req.batch == 1:
+            outputs.append(pb_utils.Tensor(IMAGE, np.ascontiguousarray(images[0])))
+        if IMAGES in wanted:
+            outputs.append(pb_utils.Tensor(IMAGES, np.ascontiguousarray(images)))
+        if TRUNCATED in wanted:
+            counts = [result.truncated.get(i, 0) for i in range(req.batch)]
+            outputs.append(pb_utils.Tensor(TRUNCATED, np.array(counts, dtype=np.int32)))
+        return pb_utils.InferenceResponse(output_tensors=outputs)
+
+    def _failed(self, exc: Exception) -> Any:
+        if isinstance(exc, ValueError):  # a bad request (RequestError, UsageError): the client's to fix
+            return _error_response(str(exc))
+        pb_utils.Logger.log_error(f"{self.name}: {type(exc).__name__}: {exc}")  # anything else fails this request only
+        return _error_response(f"{type(exc).__name__}: {exc}", "INTERNAL")
+
+    def _generate(self, req: Any, wanted: set[str]) -> Any:
+        try:
+            return self._run(req, wanted)
+        except Exception as exc:
+            return self._failed(exc)
+
+    def _release(self) -> None:
+        """After an image job: the ORT arena's free chunks, then glibc's free heap, back to the system."""
+        try:
+            self._shrink()
+            self._trim()
+        except Exception as exc:  # memory stays with the process; serving goes on
+            pb_utils.Logger.log_warn(f"{self.name}: could not release memory: {type(exc).__name__}: {exc}")
+
+    # --- Triton's entry points -----------------------------------------------------------------
+    def execute(self, requests: list[Any]) -> list[Any] | None:
+        if self.worker is None:  # queue "triton": run here, in order; Triton holds the waiting requests
+            responses = []
+            for request in requests:
+                try:
+                    req, wanted = self._admit(request)
+                except Exception as exc:
+                    responses.append(self._failed(exc))
+                    continue
+                responses.append(self._generate(req, wanted))
+                self._release()
+            return responses
+        for request in requests:  # queue "model": refuse now, or hand the job to the worker
+            sender = request.get_response_sender()
             try:
-                responses.append(self._run(request))
-            except ValueError as exc:  # bad request (contract.RequestError, or a size the graphs can't take)
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=_error(str(exc), True)))
-            except Exception as exc:  # anything else fails this request only; the model keeps serving
-                pb_utils.Logger.log_error(f"{self.name}: {type(exc).__name__}: {exc}")
-                message = f"{type(exc).__name__}: {exc}"
-                responses.append(pb_utils.InferenceResponse(output_tensors=[], error=_error(message, False)))
-        return responses
+                req, wanted = self._admit(request)
+            except Exception as exc:
+                sender.send(self._failed(exc), flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+                continue
+            self.jobs.put((request, sender, req, wanted))
+        return None
+
+    def _cancelled(self, request: Any) -> bool:
+        try:
+            return bool(request.is_cancelled())
+        except Exception:  # older stubs: no cancellation
+            return False
+
+    def _work(self) -> None:
+        while True:
+            job = self.jobs.get()
+            if job is None:
+                return
+            request, sender, req, wanted = job
+            if self._cancelled(request):
+                response = _error_response("the request was cancelled before it ran", "CANCELLED")
+            else:
+                response = self._generate(req, wanted)
+            try:
+                sender.send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            except Exception as exc:  # the client went away; the next job still runs
+                pb_utils.Logger.log_warn(f"{self.name}: could not send a response: {exc}")
+            del response, job, request, sender  # the image tensors, before the memory is released
+            self._release()
 
     def finalize(self) -> None:
+        """Unload: queued jobs are refused (UNAVAILABLE: send them again), the running one finishes."""
+        if self.worker is not None:
+            while True:
+                try:
+                    job = self.jobs.get_nowait()
+                except queue.Empty:
+                    break
+                if job is not None:
+                    response = _error_response("the model is unloading: send the request again", "UNAVAILABLE")
+                    with contextlib.suppress(Exception):
+                        job[1].send(response, flags=pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL)
+            self.jobs.put(None)
+            self.worker.join()
         self.pipe = None

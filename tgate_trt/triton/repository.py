@@ -6,9 +6,11 @@ Layout of one model (both forms)::
     <repo>/<name>/1/model.py            form "model" only (form "backend" says backend: "tgate")
     <repo>/<name>/1/artifacts/          the export folder, copied (absent with link=True)
 
-Everything is checked (manifest and sha256 of every graph, settings, flags) before a byte is copied,
-and the model folder is built under a temp name in ``repo`` and renamed into place, so a failed run
-leaves no half-written model for Triton to trip over.
+Everything is checked (flags and the output folder first, then the manifest and the sha256 of every
+file of the export, then the settings) before a byte is copied. The model folder is written through
+:class:`~tgate_trt.contract.files.OutputDir`: built under a temp name in ``repo`` and renamed into place
+under a lock, so a failed run leaves no half-written model for Triton to trip over; ``--force`` replaces
+only a model folder this tool wrote, never the export it reads.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .. import manifest as mf
-from ..contract.errors import UserError
+from ..contract import limits
+from ..contract.errors import OutputError, UserError
+from ..contract.files import OutputDir, atomic_write_text
 from .config import BACKEND_NAME, FORMS, KINDS, render_config
-from .contract import DEFAULT_MAX_STEPS, Settings
+from .contract import DEFAULT_MAX_BATCH, DEFAULT_MAX_STEPS, QUEUES, Settings
 
 MODEL_FILE = Path(__file__).with_name("model.py")
 VERSION = "1"
@@ -51,6 +55,9 @@ class RepoOptions:
     gate_step: int | None = None
     guidance_scale: float | None = None
     scheduler: str = ""
+    max_pixels: int | None = None  # pixels per image (None: the export's manifest.max_pixels)
+    max_batch: int = DEFAULT_MAX_BATCH  # prompts per request
+    queue: str = "model"  # where image jobs wait: "model" (bad requests refused on arrival) or "triton"
     env: Path | None = None  # Python environment the stub runs in (None: this interpreter's)
     force: bool = False
     extra: dict[str, str] = field(default_factory=dict)  # more parameters, e.g. for tests
@@ -74,6 +81,15 @@ class RepoOptions:
             raise RepositoryError(f"--instances must be >= 1, got {self.instances}")
         if self.threads < 0:
             raise RepositoryError(f"--threads must be >= 0, got {self.threads}")
+        if self.queue not in QUEUES:
+            raise RepositoryError(f"--queue must be one of {', '.join(QUEUES)}, got {self.queue!r}")
+        try:
+            if self.max_pixels is not None:
+                limits.check_int("--max-pixels", self.max_pixels, 1)
+            limits.check_int("--max-batch", self.max_batch, 1, limits.MAX_BATCH)
+            limits.check_int("--max-steps", self.max_steps, 1, limits.MAX_STEPS)
+        except ValueError as exc:
+            raise RepositoryError(str(exc)) from exc
 
 
 def environment_parameters(env: Path | None = None) -> dict[str, str]:
@@ -109,6 +125,10 @@ def _settings(manifest: mf.Manifest, opts: RepoOptions) -> Settings:
         width=int(d["width"]),
         max_steps=opts.max_steps,
         scheduler=opts.scheduler,
+        size_multiple=manifest.size_multiple,
+        max_pixels=manifest.max_pixels if opts.max_pixels is None else opts.max_pixels,
+        max_batch=opts.max_batch,
+        queue=opts.queue,
     )
     try:
         settings.check()
@@ -121,10 +141,21 @@ def has_engines(export_dir: Path, manifest: mf.Manifest) -> bool:
     return (export_dir / "engines" / "engines.json").is_file() or "plans" in manifest.extra.get("engines", {})
 
 
+def model_output(export_dir: Path, repo: Path, opts: RepoOptions) -> OutputDir:
+    """The model folder ``repo/<name>`` as an output that must not overlap the export it is made from."""
+    return OutputDir(repo / opts.name, force=opts.force, sources=[export_dir], option="--repo/--name")
+
+
 def generate_repository(export_dir: str | os.PathLike[str], repo: str | os.PathLike[str], opts: RepoOptions) -> Path:
-    """Write ``repo/<name>`` for the export; returns the model folder."""
+    """Write ``repo/<name>`` for the export; returns the model folder.
+
+    Order: flags, the output folder (exists without --force, not ours, overlaps the export), the
+    export (schema, sha256 of every file), the settings; only then is anything written."""
     opts.check()
     export_dir, repo = Path(export_dir).resolve(), Path(repo)
+    output = model_output(export_dir, repo, opts)
+    output.check()
+    env = environment_parameters(opts.env)
     try:
         manifest = mf.Manifest.load(export_dir, verify=True)
     except (mf.ManifestError, ValueError) as exc:
@@ -143,12 +174,9 @@ def generate_repository(export_dir: str | os.PathLike[str], repo: str | os.PathL
             verify_files(export_dir, find_section(export_dir, manifest, opts.engines or OV_DIR))
         except mf.ManifestError as exc:
             raise RepositoryError(str(exc)) from exc
-    target = repo / opts.name
-    if target.exists() and not opts.force:
-        raise RepositoryError(f"{target} exists: pass --force to replace it")
     params = {
         **settings.to_parameters(),
-        **environment_parameters(opts.env),
+        **env,
         "artifacts": str(export_dir) if opts.link else f"{VERSION}/{ARTIFACTS}",
         "backend": opts.backend,
         "threads": str(opts.threads),
@@ -157,7 +185,7 @@ def generate_repository(export_dir: str | os.PathLike[str], repo: str | os.PathL
     }
     config = render_config(opts.name, form=opts.form, kind=opts.kind, instances=opts.instances, parameters=params)
 
-    with mf.staged_dir(target) as tmp:
+    with output as tmp:
         version = tmp / VERSION
         version.mkdir()
         if opts.form == "model":
@@ -165,7 +193,7 @@ def generate_repository(export_dir: str | os.PathLike[str], repo: str | os.PathL
         if not opts.link:
             shutil.copytree(export_dir, version / ARTIFACTS)
         (tmp / "config.pbtxt").write_text(config)
-    return target
+    return output.out
 
 
 def install_backend(backends_dir: str | os.PathLike[str]) -> Path:
@@ -175,7 +203,10 @@ def install_backend(backends_dir: str | os.PathLike[str]) -> Path:
     :func:`tgate_trt.triton.server.prepare_backends` sets up both from the nvidia-pytriton wheel).
     """
     folder = Path(backends_dir) / BACKEND_NAME
-    folder.mkdir(parents=True, exist_ok=True)
     path = folder / "model.py"
-    mf.atomic_write_text(path, MODEL_FILE.read_text())
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, MODEL_FILE.read_text())
+    except OSError as exc:
+        raise OutputError(f"can't install the backend into {folder}: {exc.strerror or exc}") from exc
     return path
