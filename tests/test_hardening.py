@@ -416,3 +416,17 @@ def test_tensorrt_build_locks_its_out_and_removes_stale_work(ctx: Ctx, monkeypat
     assert seen == [True]
     assert f"removed {stale}, left by an interrupted build" in capsys.readouterr().err
     assert not leftovers(ctx.export), leftovers(ctx.export)
+
+
+def test_run_removes_temp_files_of_killed_runs(ctx: Ctx) -> None:
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # reaped: its pid names no process now
+    stale = ctx.tmp / f".image.tmp-{dead.pid}-x1y2z3.png"
+    live = ctx.tmp / f".image.tmp-{os.getpid()}-a1b2c3.png"  # a writer still running (this test)
+    stale.write_bytes(b"half a png")
+    live.write_bytes(b"being written")
+    out = ctx.tmp / "image.png"
+    code, _, stderr, _ = run_cli("run", [str(ctx.export), "a cat", "--steps", "2", "--out", str(out)], ctx.tmp)
+    assert code == 0, stderr
+    assert f"removed {stale}, left by an interrupted run" in stderr
+    assert not stale.exists() and live.exists() and out.is_file()

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import json
 import os
 import shutil
@@ -36,7 +37,8 @@ def atomic_save(path: str | os.PathLike[str], write: Callable[[Path], Any]) -> P
     if path.is_symlink():  # write through the link into its target; the link stays
         path = path.resolve()
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.tmp-", suffix=path.suffix, dir=path.parent)
+    _remove_dead_temps(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.stem}.tmp-{os.getpid()}-", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -47,6 +49,26 @@ def atomic_save(path: str | os.PathLike[str], write: Callable[[Path], Any]) -> P
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def _remove_dead_temps(path: Path) -> None:
+    """Temp files of ``path`` whose writer (the pid in their name) is gone: a killed run's leftovers."""
+    head = f".{path.stem}.tmp-"
+    for stale in path.parent.glob(f"{glob.escape(head)}*{glob.escape(path.suffix)}"):
+        pid = stale.name[len(head) :].split("-", 1)[0]
+        if pid.isdigit() and not _alive(int(pid)):
+            stale.unlink(missing_ok=True)
+            print(f"removed {stale}, left by an interrupted run", file=sys.stderr)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
