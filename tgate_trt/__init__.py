@@ -1,6 +1,7 @@
 """tgate-trt: T-GATE (arXiv 2404.02747) compiled into deployable graphs, engines, a runtime and Triton."""
 
 import logging
+from typing import Any
 
 
 class _OptimumNamespaceNotice(logging.Filter):
@@ -14,7 +15,7 @@ class _OptimumNamespaceNotice(logging.Filter):
 logging.getLogger("diffusers.utils.import_utils").addFilter(_OptimumNamespaceNotice())
 
 
-def load_pipeline(name: str, random_weights: bool = False):  # noqa: ANN201 (a diffusers pipeline)
+def load_pipeline(name: str, random_weights: bool = False) -> Any:
     """The diffusers pipeline of a preset (``sd15``, ``sdxl``, ...; from the hub cache) or a built-in model
     (``tiny``, ``tiny-*``, ``shapes``; no download), or of a local folder: the PyTorch model users compare
     our graphs against. ``random_weights`` builds a preset's architecture with seeded random weights."""

@@ -131,11 +131,14 @@ def cache_layers(pipe: Any, opts: ExportOptions, family: mf.ModelFamily | None =
     return cache_sites(pipe, opts, family)
 
 
-def _cache_axes(layers: list[mf.CacheLayer], names: list[str], cfg: bool) -> dict[str, dict[int, str]]:
-    """A CFG graph's self-attention caches hold the whole CFG batch (``2 * batch``)."""
+def _cache_axes(layers: list[mf.CacheLayer], names: list[str], layout: dict[str, str]) -> dict[str, dict[int, str]]:
+    """Dynamic axes of cache tensors; ``layout`` per kind: a whole CFG batch (``full`` in a CFG graph) is
+    ``2 * batch``, a CFG mean or any cache of a graph without CFG is ``batch``."""
     by_name = {c.name: c for c in layers}
-    batch = {c.name: mf.CFG_BATCH if cfg and c.kind == "attn1" else mf.BATCH for c in layers}
-    return {n: {0: batch[n], 1: mf.hw_dim(by_name[n].level)} for n in names}
+    return {
+        n: {0: mf.CFG_BATCH if layout.get(by_name[n].kind) == "cfg" else mf.BATCH, 1: mf.hw_dim(by_name[n].level)}
+        for n in names
+    }
 
 
 _LATENT_AXES = {0: mf.BATCH, 2: mf.LATENT_H, 3: mf.LATENT_W}
@@ -166,11 +169,13 @@ def export_variant(
     inputs = variant_feeds(modules, module.variant, unet_example(pipe, opts, family=module.family))
     cache_in = [n for n in inputs if n in {c.name for c in layers}]
     cache_out = module.cache_outputs()
+    v = module.variant
     axes = {
         **_input_axes([n for n in inputs if n not in cache_in]),
         mf.NOISE_PRED: _LATENT_AXES,
-        **_cache_axes(layers, cache_in, module.variant.cfg),
-        **_cache_axes(layers, cache_out, module.variant.cfg),
+        # a CFG graph replays whole-batch caches; it captures whole-batch or CFG-mean ones, as declared
+        **_cache_axes(layers, cache_in, {k: "cfg" for k in v.replay} if v.cfg else {}),
+        **_cache_axes(layers, cache_out, {k: "cfg" for k, lay in v.capture if lay == FULL} if v.cfg else {}),
     }
     with ScratchDir(folder.parent) as scratch:
         raw = scratch / "model.onnx"
