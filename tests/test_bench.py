@@ -206,3 +206,78 @@ def test_report_files_replace_only_their_own(tmp_path: Path) -> None:
     with pytest.raises(RuntimeError), ReportFiles(fresh, names, "tgate-bench"):
         raise RuntimeError("failed before writing")
     assert not (tmp_path / "new").exists()  # the folders it made are removed with it
+
+
+# --- T-GATE V2 rows ------------------------------------------------------------------------------------------
+V2_SCHEDULE = ["--steps", "8", "--gate", "5", "--sp-interval", "2", "--fi-interval", "2", "--warm-up", "1"]
+
+
+def test_bench_v2_rows_beside_the_authors_v2(
+    tiny_export: Path, v2_export, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One sitting: the authors' package in V2 (fp32, bf16 autocast) and ours in V2 on ORT and OpenVINO, with
+    V1's (d) on the V1 export beside them. 8 steps, gate 5, 2 / 2 / 1 uses all five V2 graph variants."""
+    pytest.importorskip("tgate", reason="variants (b-v2), (b16-v2) are the authors' tgate package")
+    pytest.importorskip("openvino", reason="variant (h-v2) runs on OpenVINO")
+    monkeypatch.setenv("TGATE_OV_CACHE", str(tmp_path / "ov-cache"))
+    v2 = tmp_path / "tiny-v2"
+    shutil.copytree(v2_export("tiny"), v2)
+    assert build_cli.main([str(v2), "--target", "openvino", "--precision", "f32", "--out", str(v2 / "openvino")]) == 0
+    out = tmp_path / "bench"
+    args = ["--model", "tiny", "--export", str(tiny_export), "--v2-export", str(v2), "--height", "64", "--width", "64"]
+    args += [*V2_SCHEDULE, "--runs", "1", "--ov-precision", "f32", "--out", str(out)]
+    assert main([*args, "--variants", "b-v2,b16-v2,c,d,d-v2,h-v2"]) == 0
+    data = json.loads((out / "bench.json").read_text())
+    by = {r["variant"]: r for r in data["results"]}
+    for kind in ("b-v2", "b16-v2", "c", "d", "d-v2", "h-v2"):
+        assert by[kind]["ok"], (kind, by[kind].get("error"))
+    for kind in ("b-v2", "b16-v2", "d", "d-v2", "h-v2"):  # gated at 5 of 8
+        assert by[kind]["median"]["pregate"] > 0 and by[kind]["median"]["postgate"] > 0, kind
+    assert by["c"]["median"]["postgate"] == 0 and by["h-v2"]["precision"] == "f32"
+    v2_goals = data["targets"]["v2"]
+    assert [v2_goals[k] for k in ("sp_interval", "fi_interval", "warm_up", "gate_step")] == [2, 2, 1, 5]
+    pairs = [(p["faster"], p["than"]) for p in v2_goals["pairs"]]
+    assert pairs == [("d-v2", "b-v2"), ("h-v2", "b-v2"), ("h-v2", "b16-v2"), ("d-v2", "d")]
+    step = data["targets"]["step_ratios"]["d-v2"]  # r of the V2 plan, counted off the V2 export's graphs
+    assert "V2 plan" in step["mac_ratio_source"] and 0 < step["mac_ratio"] < 1
+    assert step["mac_ratio"] != data["targets"]["step_ratios"]["d"]["mac_ratio"]
+    md = (out / "bench.md").read_text()
+    assert "## V2" in md and "| (d-v2) ours ORT, T-GATE V2 |" in md and "(h-v2) vs (b16-v2)" in md
+    assert data["meta"]["settings"]["v2_export"] == str(v2)
+
+
+def test_bench_v2_refusals(tiny_export: Path, v2_export, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    base = ["--model", "tiny", "--export", str(tiny_export), "--height", "64", "--width", "64", "--out", str(tmp_path)]
+    cases = [
+        (["--variants", "c,d-v2"], "needs a --schedule v2 export"),
+        (["--variants", "d-v2", "--v2-export", str(tiny_export)], "is a v1 export"),
+        (["--variants", "d-v2", "--sp-interval", "0"], "--sp-interval must be an integer in 1..1000"),
+        (["--variants", "d-v2", "--warm-up", "-1"], "--warm-up must be an integer in 0..1000"),
+        (["--variants", "h-v2", "--v2-export", str(v2_export("tiny")), "--ov-precision", "f32"], "tgate-build"),
+    ]
+    for extra, message in cases:
+        assert main([*base, *extra]) == 2, extra
+        assert message in capsys.readouterr().err, extra
+    assert list(tmp_path.iterdir()) == []
+    ns = argparse.Namespace(
+        variants=None, export=tiny_export, v2_export=v2_export("tiny"), ov_precision="f32", ov_build="openvino",
+        ov_int8w_build="openvino-int8w", int8_export=None,
+    )  # fmt: skip
+    names = choose_variants(ns)  # a V2 export: its rows join the default set; (h-v2) has no build here
+    assert names[:6] == ["a", "b", "b16", "c", "d", "e"] and names[-3:] == ["b-v2", "b16-v2", "d-v2"]
+    assert "leaving out h-v2" in capsys.readouterr().err
+
+
+def test_v2_pairs_arithmetic() -> None:
+    def row(kind: str, total: float) -> dict:
+        median = {"text_encoder": 0.0, "pregate": 0.0, "postgate": 0.0, "vae_decoder": 0.0, "total": total}
+        return {"variant": kind, "ok": True, "median": median, "peak_rss_gib": 1.0}
+
+    results = [row("b-v2", 6.0), row("b16-v2", 4.0), row("h", 3.0), row("h-v2", 2.0)]
+    ns = argparse.Namespace(steps=25, gate=10, mac_ratio=0.5, sp_interval=5, fi_interval=1, warm_up=2)
+    goals = targets(results, ns)
+    got = [(p["faster"], p["than"], p["speedup"]) for p in goals["v2"]["pairs"]]
+    assert got == [("h-v2", "b-v2", 3.0), ("h-v2", "b16-v2", 2.0), ("h-v2", "h", 1.5)]
+    table = markdown(results, goals)
+    assert "| (h-v2) vs (b-v2) | 3.00x |" in table and "sp_interval 5, fi_interval 1, warm_up 2" in table
+    assert "## Targets" not in table  # no (h) target peer ran, no step ratio: only the V2 section

@@ -49,7 +49,6 @@ CASES = [
     ("tgate-macs", ["{tiny}", "--schedule", "v2"], "re-export with --schedule v2"),
     ("tgate-macs", ["{tiny}", "--sp-interval", "0"], "--sp-interval must be an integer in 1..1000"),
     ("tgate-macs", ["{tiny}", "--schedule", "v1", "--warm-up", "2"], "--warm-up is a V2 parameter"),
-    ("tgate-macs", ["--model", "sd99"], "counting needs an architecture"),
     ("tgate-macs", [], "name an export folder or --model"),
     # --- tgate-analyze ------------------------------------------------------------------------------
     ("tgate-analyze", [*AN, "--height", "63", "--out", "{out}"], "must be multiples of 16"),
@@ -96,6 +95,9 @@ CASES = [
     ("tgate-bench", [*BE, "--out", "{tmp}/bench"], "already holds bench.json"),
     ("tgate-bench", [*BE, "--optimum-unet", "{tmp}/foreign", "--out", "{out}"], "holds no source.json"),
     ("tgate-bench", ["--export", "{missing}", "--out", "{out}"], "does not exist"),
+    ("tgate-bench", [*BE, "--variants", "c,d-v2", "--out", "{out}"], "needs a --schedule v2 export"),
+    ("tgate-bench", [*BE, "--variants", "d-v2", "--v2-export", "{tiny}", "--out", "{out}"], "is a v1 export"),
+    ("tgate-bench", [*BE, "--sp-interval", "0", "--out", "{out}"], "--sp-interval must be an integer in 1..1000"),
     # --- shapes training ----------------------------------------------------------------------------
     ("train_shapes", ["--out", "{weights}"], "shipped shapes weights: pass --overwrite-shipped"),
     ("train_shapes", [], "pass --out DIR for a newly trained model, or --overwrite-shipped"),

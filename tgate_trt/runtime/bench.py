@@ -5,6 +5,11 @@ Each variant runs in its own process (so peak RSS is its own), does one warm-up 
 no-gate baseline (c), because on a shared, noisy machine only ratios from one sitting compare. A
 "Targets" section then sets T-GATE on OpenVINO (h) against the deployments a CPU user would otherwise
 pick, and checks inside (d) and (h) whether a post-gate step costs what its MACs say it should.
+
+T-GATE V2 rows (``b-v2``, ``b16-v2``, ``d-v2``, ``h-v2``, ``h-int8w-v2``) run the authors' package and ours
+with self-attention cached too (``--sp-interval``, ``--fi-interval``, ``--warm-up``; the gate is ``--gate``),
+ours on a ``--schedule v2`` export (``--v2-export``, or ``--export`` when it is one); a "V2" section sets them
+against the authors' V2 and against their own V1 rows.
 """
 
 from __future__ import annotations
@@ -27,10 +32,25 @@ from .. import manifest as mf
 from ..contract import limits
 from ..contract.cli import Parser, command
 from ..contract.errors import UsageError
-from .bench_report import STAGES, VARIANTS, ReportFiles, json_safe, markdown, plot, targets, write_json
+from ..methods.plan import TGateParams
+from .bench_report import (
+    STAGES,
+    V2,
+    VARIANTS,
+    ReportFiles,
+    is_v2,
+    json_safe,
+    markdown,
+    plot,
+    targets,
+    v2_params,
+    write_json,
+)
 from .bench_torch import TORCH_VARIANTS, torch_variant
 
 OV_BUILDS = {"g": "ov_build", "h": "ov_build", "h-int8w": "ov_int8w_build"}  # variant -> its build's argument
+OV_BUILDS.update({k + V2: OV_BUILDS[k] for k in ("h", "h-int8w")})  # the same builds, inside the V2 export
+V2_DEFAULTS = TGateParams.v2()  # the authors' defaults: gate 10, sp_interval 5, fi_interval 1, warm_up 2
 OPENVINO_VARIANTS = ("f", *OV_BUILDS)
 BENCH_TOOLS = ("torch", "onnxruntime", "openvino", "optimum-intel", "tgate")  # versions in bench.json
 REPORT = ("bench.json", "bench.md", "bench.png")  # what --out receives; nothing else in it is touched
@@ -48,15 +68,23 @@ def parse_variants(text: str) -> list[str]:
     return names
 
 
+def export_of(kind: str, args: argparse.Namespace) -> Path:
+    """The export a row of ours runs: the V2 export for a V2 row, the int8 copy for (q), else ``--export``."""
+    if is_v2(kind):
+        return args.v2_export
+    return args.int8_export if kind == "q" else args.export
+
+
 def ov_build_problem(args: argparse.Namespace, kind: str) -> str | None:
     """Why variant ``kind`` can't use its OpenVINO build (None if it can), read off the manifest only."""
     name = getattr(args, OV_BUILDS[kind])
-    precision = "int8w" if kind == "h-int8w" else args.ov_precision
-    make = f"tgate-build {args.export} --target openvino --precision {precision} --out {args.export / name}"
-    builds = mf.Manifest.load(args.export, verify=False).extra.get("engines")
+    export = export_of(kind, args)
+    precision = "int8w" if kind.startswith("h-int8w") else args.ov_precision
+    make = f"tgate-build {export} --target openvino --precision {precision} --out {export / name}"
+    builds = mf.Manifest.load(export, verify=False).extra.get("engines")
     section = builds.get(name) if isinstance(builds, dict) else None
-    if not (args.export / name).is_dir() or not isinstance(section, dict) or section.get("target") != "openvino":
-        return f"variant ({kind}) needs the OpenVINO build {args.export / name}: make it with {make}"
+    if not (export / name).is_dir() or not isinstance(section, dict) or section.get("target") != "openvino":
+        return f"variant ({kind}) needs the OpenVINO build {export / name}: make it with {make}"
     if section.get("precision", precision) != precision:
         return f"variant ({kind}) needs a {precision} build, {name} is {section['precision']}: make one with {make}"
     return None
@@ -78,19 +106,21 @@ def openvino_problem(kind: str) -> str | None:
 def _ours(kind: str, args: argparse.Namespace) -> Callable[[], dict[str, float]]:
     from .pipeline import TGatePipeline
 
+    export = export_of(kind, args)
     if kind in OV_BUILDS:
         build = getattr(args, OV_BUILDS[kind])
         pipe = TGatePipeline.from_export(
-            args.export, backend="openvino", threads=args.threads, engines=build, max_pixels=args.max_pixels
+            export, backend="openvino", threads=args.threads, engines=build, max_pixels=args.max_pixels
         )
     else:
         backend = "trt" if kind == "t" else "ort"
-        export = args.int8_export if kind == "q" else args.export
         pipe = TGatePipeline.from_export(export, backend=backend, threads=args.threads, max_pixels=args.max_pixels)
     gate = args.steps if kind in ("c", "g") else args.gate
+    # V1 rows say V1 explicitly: a V2 export's own defaults would cache self-attention (even at gate >= steps)
+    schedule = v2_params(args) if is_v2(kind) else {"sp_interval": 1, "fi_interval": 1, "warm_up": 0}
 
     def once() -> dict[str, float]:
-        kw = {"seed": args.seed, "height": args.height, "width": args.width}
+        kw = {"seed": args.seed, "height": args.height, "width": args.width, **schedule}
         return pipe(args.prompt, num_inference_steps=args.steps, gate_step=gate, **kw).timings
 
     return once
@@ -197,7 +227,7 @@ def run_variant(kind: str, args: argparse.Namespace) -> dict[str, Any]:
             result = _spawn(_worker, kind, argparse.Namespace(**vars(args), peer=Path(prepared["path"])))
     result = {"variant": kind, **result}
     if kind in OPENVINO_VARIANTS:
-        result["precision"] = "int8w" if kind == "h-int8w" else args.ov_precision
+        result["precision"] = "int8w" if kind.startswith("h-int8w") else args.ov_precision
     return result
 
 
@@ -231,6 +261,14 @@ def choose_variants(args: argparse.Namespace) -> list[str]:
             else:
                 names += kinds.split(",")
         names += ["q"] if args.int8_export else []
+        if getattr(args, "v2_export", None) is not None:  # a V2 export: the V2 rows that can run
+            names += ["b-v2", "b16-v2", "d-v2"]
+            for kind in ("h-v2", "h-int8w-v2"):
+                problem = openvino_problem(kind) or ov_build_problem(args, kind)
+                if problem:
+                    print(f"[bench] leaving out {kind}: {problem}", file=sys.stderr)
+                else:
+                    names.append(kind)
     if "q" in names:
         if args.int8_export is None:
             raise UsageError("variant (q) needs --int8-export DIR (made by: tgate-quantize EXPORT --out DIR)")
@@ -263,7 +301,8 @@ def build_parser() -> Parser:
     ap.add_argument(
         "--variants",
         help=f"comma-separated, from {','.join(VARIANTS)} (or letters only, e.g. cdeq); default: a,b,b16,c,d,e, "
-        "f,g,h with openvino and an OpenVINO build, h-int8w with its build, q with --int8-export",
+        "f,g,h with openvino and an OpenVINO build, h-int8w with its build, q with --int8-export, and with a V2 "
+        "export b-v2,b16-v2,d-v2 (h-v2, h-int8w-v2 with their builds)",
     )
     ap.add_argument(
         "--optimum-unet",
@@ -282,7 +321,26 @@ def build_parser() -> Parser:
     )
     ap.add_argument("--ov-build", default="openvino", help="OpenVINO build folder inside --export for (g), (h)")
     ap.add_argument("--ov-int8w-build", default="openvino-int8w", help="int8w OpenVINO build for (h-int8w)")
-    ap.add_argument("--mac-ratio", type=float, help="r = post/pre-gate MACs per step, in (0, 1] (default: counted)")
+    ap.add_argument(
+        "--v2-export",
+        type=Path,
+        help="--schedule v2 export of the same model, for the V2 rows (default: --export when it is one)",
+    )
+    ap.add_argument(
+        "--sp-interval", type=int, default=V2_DEFAULTS.sp_interval, help="V2 rows: attn1 recomputed every N steps"
+    )
+    ap.add_argument(
+        "--fi-interval",
+        type=int,
+        default=V2_DEFAULTS.fi_interval,
+        help="V2 rows: attn1 recomputed every N steps after the gate",
+    )
+    ap.add_argument(
+        "--warm-up", type=int, default=V2_DEFAULTS.warm_up, help="V2 rows: steps before attn1 caching starts"
+    )
+    ap.add_argument(
+        "--mac-ratio", type=float, help="r = post/pre-gate MACs per step of V1, in (0, 1] (default: counted)"
+    )
     ap.add_argument("--int8-export", type=Path, help="tgate-quantize copy of --export, for variant (q)")
     ap.add_argument("--out", type=Path, default=Path("benchmarks/cpu"), help=f"folder for {', '.join(REPORT)}")
     ap.add_argument(
@@ -319,6 +377,10 @@ def check_args(args: argparse.Namespace) -> tuple[mf.Manifest, ReportFiles]:
             raise UsageError("--mac-ratio must be > 0 (post-gate MACs over pre-gate MACs per step)")
     if not args.prompt.strip():
         raise UsageError("--prompt is empty")
+    hint = " (1 recomputes self-attention every step)"
+    limits.check_int("--sp-interval", args.sp_interval, 1, limits.MAX_STEPS, hint)
+    limits.check_int("--fi-interval", args.fi_interval, 1, limits.MAX_STEPS, hint)
+    limits.check_int("--warm-up", args.warm_up, 0, limits.MAX_STEPS)
     if args.variants is not None:
         parse_variants(args.variants)
     report = ReportFiles(
@@ -326,7 +388,7 @@ def check_args(args: argparse.Namespace) -> tuple[mf.Manifest, ReportFiles]:
         REPORT,
         "tgate-bench",
         force=args.force,
-        sources=[args.export, args.int8_export, args.optimum_unet, args.optimum_intel_dir],
+        sources=[args.export, args.int8_export, args.optimum_unet, args.optimum_intel_dir, args.v2_export],
         report_keys=("meta", "results"),
     )
     report.check()
@@ -334,12 +396,38 @@ def check_args(args: argparse.Namespace) -> tuple[mf.Manifest, ReportFiles]:
     check_keep_folder(args.optimum_intel_dir, "--optimum-intel-dir", [args.export, args.int8_export])
     manifest = mf.Manifest.load(args.export, verify=False)
     manifest.latent_size(args.height, args.width, args.max_pixels)
+    check_v2_export(args, manifest)
     if args.ov_precision is None:
         from .openvino_baseline import default_precision
 
         args.ov_precision = default_precision()
     args.variants = choose_variants(args)
+    if args.v2_export is not None and any(is_v2(k) and not k.startswith("b") for k in args.variants):
+        mf.Manifest.load(args.v2_export)  # the hashes of the V2 export its rows read
     return mf.Manifest.load(args.export), report  # the hashes: every row reads these files
+
+
+def check_v2_export(args: argparse.Namespace, manifest: mf.Manifest) -> None:
+    """``--v2-export`` is a V2 export taking the size (default: ``--export`` if it is V2); a V2 row of ours
+    asked for without one is refused, saying how to make it."""
+    if args.v2_export is None:
+        if manifest.schedule == "v2":
+            args.v2_export = args.export
+        else:
+            ours = [k for k in parse_variants(args.variants or "a") if is_v2(k) and not k.startswith("b")]
+            if ours:
+                raise UsageError(
+                    f"variant ({ours[0]}) needs a --schedule v2 export: {args.export} is {manifest.schedule}; make "
+                    f"one with tgate-export --model {args.model} --schedule v2 --out DIR and pass --v2-export DIR"
+                )
+        return
+    v2 = mf.Manifest.load(args.v2_export, verify=False)
+    if v2.schedule != "v2":
+        raise UsageError(
+            f"--v2-export {args.v2_export} is a {v2.schedule} export: make a V2 one with tgate-export "
+            f"--model {args.model} --schedule v2"
+        )
+    v2.latent_size(args.height, args.width, args.max_pixels)
 
 
 @command("tgate-bench")
@@ -365,6 +453,8 @@ def main(argv: Sequence[str]) -> int:
         write_json(stage / "bench.json", json_safe(data))  # a row's NaN is recorded as null, not invalid JSON
         (stage / "bench.md").write_text(f"{table}\n")
         title = f"{args.model} {args.width}x{args.height}, {args.steps} steps, gate {args.gate}"
+        if any(is_v2(k) for k in args.variants):
+            title += ", V2 {sp_interval}/{fi_interval}/{warm_up}".format(**v2_params(args))
         plot(results, stage / "bench.png", title)
     print(table)
     print(f"wrote {', '.join(map(str, report.paths))}", file=sys.stderr)

@@ -37,9 +37,21 @@ VARIANTS = {
     "h-int8w": "ours OpenVINO int8 weights, T-GATE",
     "q": "ours ORT int8 MatMuls, T-GATE",
     "t": "ours TensorRT, T-GATE",
+    # T-GATE V2 (self-attention cached on a schedule too): the authors' package and ours, same parameters
+    "b-v2": "authors' tgate PyTorch, V2",
+    "b16-v2": "authors' tgate PyTorch, bf16 autocast, V2",
+    "d-v2": "ours ORT, T-GATE V2",
+    "h-v2": "ours OpenVINO, T-GATE V2",
+    "h-int8w-v2": "ours OpenVINO int8 weights, T-GATE V2",
 }
+V2 = "-v2"  # a V2 row is its V1 row's name with this suffix, run with --sp-interval/--fi-interval/--warm-up
 STAGES = ("text_encoder", "pregate", "postgate", "vae_decoder", "total")
 TARGETS = (("f", 1.35), ("b16", 1.5), ("c", 4.0))  # (h) must be this many times faster than each
+# (faster, than): V2 against the authors' V2 in the same sitting, and each V2 row against its V1 row
+V2_PAIRS = (
+    ("d-v2", "b-v2"), ("h-v2", "b-v2"), ("h-v2", "b16-v2"), ("h-int8w-v2", "b16-v2"),
+    ("b-v2", "b"), ("b16-v2", "b16"), ("d-v2", "d"), ("h-v2", "h"), ("h-int8w-v2", "h-int8w"),
+)  # fmt: skip
 SD15_MAC_RATIO = 0.4716  # r of SD-1.5 at 256x256, when the graphs can't be counted
 STEP_RATIO_TOLERANCE = 0.05
 
@@ -236,26 +248,46 @@ def _label(r: dict[str, Any]) -> str:
     return f"({r['variant']}) {VARIANTS[r['variant']]}{extra}"
 
 
-def mac_ratio(args: argparse.Namespace) -> tuple[float, str]:
-    """r = post-gate / pre-gate MACs per UNet call, counted off the graphs as ``tgate-macs`` does."""
-    if args.mac_ratio is not None:
+def is_v2(kind: str) -> bool:
+    return kind.endswith(V2)
+
+
+def v2_params(args: argparse.Namespace) -> dict[str, int]:
+    """The V2 rows' self-attention schedule (the gate is ``--gate``, shared with the V1 rows)."""
+    return {k: getattr(args, k) for k in ("sp_interval", "fi_interval", "warm_up")}
+
+
+def mac_ratio(args: argparse.Namespace, v2: bool = False) -> tuple[float, str]:
+    """r = MACs of a post-gate step over a pre-gate step in the V1 (or, ``v2``, the V2) plan, counted off the
+    export's graphs as ``tgate-macs`` does; off ``--model``'s architecture if the graphs can't be counted."""
+    if args.mac_ratio is not None and not v2:
         return args.mac_ratio, "--mac-ratio"
     from ..export import macs
 
+    plan = {"schedule": "v2", **v2_params(args)} if v2 else {"schedule": "v1"}
+    what = f"the V2 plan ({'/'.join(str(v) for v in plan.values() if isinstance(v, int))}) " if v2 else ""
+    export = args.v2_export if v2 else args.export
+    size = f"{args.width}x{args.height}"
     try:
-        manifest = mf.Manifest.load(args.export, verify=False)
-        lat = manifest.latent_size(args.height, args.width)
-        pre, post = (
-            macs.count_graph(args.export / manifest.graphs[k].file, macs._dims(manifest, k, 1, *lat)).total
-            for k in (mf.PREGATE, mf.POSTGATE)
-        )
-        return post / pre, f"counted off the export's graphs at {args.width}x{args.height}"
-    except Exception as exc:  # the table still reports, against SD-1.5's r
-        return SD15_MAC_RATIO, f"SD-1.5's r at 256x256 (counting failed: {type(exc).__name__}: {exc})"[:300]
+        unet = tuple(mf.Manifest.load(export, verify=False).variants)
+        max_pixels = getattr(args, "max_pixels", None)
+        run = macs.pipeline_macs(export, args.steps, args.gate, 1, args.height, args.width, max_pixels, **plan,
+                                 graphs=unet)  # fmt: skip
+        return run.ratio, f"{what}counted off the export's graphs at {size}"
+    except Exception as exc:
+        failed = f"{type(exc).__name__}: {exc}"
+    try:
+        run = macs.model_macs(args.model, args.steps, args.gate, 1, args.height, args.width, **plan)
+        return run.ratio, f"{what}counted off {args.model}'s architecture at {size} (the graphs: {failed})"[:300]
+    except Exception as exc:  # the table still reports, against SD-1.5's V1 r
+        if v2:
+            return math.nan, f"{what}not counted ({type(exc).__name__}: {exc})"[:300]
+        return SD15_MAC_RATIO, f"SD-1.5's r at 256x256 (counting failed: {failed})"[:300]
 
 
 def targets(results: list[dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
-    """(h)'s speed-ups against its targets, and each T-GATE row's post-/pre-gate step time ratio beside r."""
+    """(h)'s speed-ups against its targets, each T-GATE row's post-/pre-gate step time ratio beside r, and the V2
+    rows against the authors' V2 and against their own V1 rows."""
     ok = {r["variant"]: r for r in results if r["ok"]}
     speed = []
     if "h" in ok:
@@ -263,16 +295,27 @@ def targets(results: list[dict[str, Any]], args: argparse.Namespace) -> dict[str
             if ref in ok:
                 ratio = ok[ref]["median"]["total"] / ok["h"]["median"]["total"]
                 speed.append({"vs": ref, "speedup": ratio, "target": target, "met": ratio >= target})
-    rows = [k for k in ("h", "d") if k in ok and 0 < args.gate < args.steps and ok[k]["median"]["pregate"] > 0]
+    kinds = ("h", "d", "h-v2", "d-v2")
+    rows = [k for k in kinds if k in ok and 0 < args.gate < args.steps and ok[k]["median"]["pregate"] > 0]
     steps: dict[str, Any] = {}
-    if rows:
-        r, source = mac_ratio(args)
-        for kind in rows:
-            m = ok[kind]["median"]
-            step = (m["postgate"] / (args.steps - args.gate)) / (m["pregate"] / args.gate)
-            within = abs(step / r - 1) <= STEP_RATIO_TOLERANCE
-            steps[kind] = {"step_time_ratio": step, "mac_ratio": r, "mac_ratio_source": source, "within_5pct": within}
-    return {"speedups": speed, "step_ratios": steps} if speed or steps else {}
+    ratios: dict[bool, tuple[float, str]] = {}
+    for kind in rows:
+        if is_v2(kind) not in ratios:
+            ratios[is_v2(kind)] = mac_ratio(args, is_v2(kind))
+        r, source = ratios[is_v2(kind)]
+        m = ok[kind]["median"]
+        step = (m["postgate"] / (args.steps - args.gate)) / (m["pregate"] / args.gate)
+        within = abs(step / r - 1) <= STEP_RATIO_TOLERANCE
+        steps[kind] = {"step_time_ratio": step, "mac_ratio": r, "mac_ratio_source": source, "within_5pct": within}
+    pairs = [
+        {"faster": a, "than": b, "speedup": ok[b]["median"]["total"] / ok[a]["median"]["total"]}
+        for a, b in V2_PAIRS
+        if a in ok and b in ok
+    ]
+    goals: dict[str, Any] = {"speedups": speed, "step_ratios": steps} if speed or steps else {}
+    if pairs:
+        goals["v2"] = {**v2_params(args), "gate_step": args.gate, "pairs": pairs}
+    return goals
 
 
 def markdown(results: list[dict[str, Any]], goals: dict[str, Any] | None = None) -> str:
@@ -288,7 +331,7 @@ def markdown(results: list[dict[str, Any]], goals: dict[str, Any] | None = None)
         speed = [f"{ok[ref]['median']['total'] / m['total']:.2f}x" if ref in ok else "-" for ref in ("a", "c")]
         cells = " | ".join(f"{m[s]:.2f}" for s in STAGES)
         lines.append(f"| {_label(r)} | {cells} | {speed[0]} | {speed[1]} | {r['peak_rss_gib']:.2f} |")
-    if goals:
+    if goals.get("speedups") is not None or goals.get("step_ratios"):
         lines += ["", "## Targets"]
     if goals.get("speedups"):
         lines += ["", "| comparison | speed-up | target | |", "|---|---:|---:|---|"]
@@ -300,7 +343,14 @@ def markdown(results: list[dict[str, Any]], goals: dict[str, Any] | None = None)
         for kind, s in goals["step_ratios"].items():
             yes = "yes" if s["within_5pct"] else "no"
             lines.append(f"| ({kind}) | {s['step_time_ratio']:.4f} | {s['mac_ratio']:.4f} | {yes} |")
-        lines += ["", f"r: {next(iter(goals['step_ratios'].values()))['mac_ratio_source']}"]
+        sources = dict.fromkeys(s["mac_ratio_source"] for s in goals["step_ratios"].values())
+        lines += [""] + [f"r: {source}" for source in sources]
+    if goals.get("v2"):
+        v2 = goals["v2"]
+        lines += ["", "## V2", "", f"gate {v2['gate_step']}, sp_interval {v2['sp_interval']}, fi_interval "
+                  f"{v2['fi_interval']}, warm_up {v2['warm_up']}; same sitting", ""]  # fmt: skip
+        lines += ["| comparison | speed-up |", "|---|---:|"]
+        lines += [f"| ({p['faster']}) vs ({p['than']}) | {p['speedup']:.2f}x |" for p in v2["pairs"]]
     return "\n".join(lines)
 
 

@@ -1,4 +1,5 @@
-"""``tgate-bench``'s PyTorch rows: diffusers (a), the authors' tgate (b), and (b) under bf16 autocast (b16).
+"""``tgate-bench``'s PyTorch rows: diffusers (a), the authors' tgate (b), and (b) under bf16 autocast (b16);
+(b-v2) and (b16-v2) run the authors' package with V2's self-attention schedule (``--sp-interval`` etc.).
 
 (b16) is the cheapest speed-up a PyTorch user has on a CPU with bf16 units, so T-GATE on OpenVINO has to
 beat it, not only fp32 PyTorch.
@@ -12,7 +13,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-TORCH_VARIANTS = ("a", "b", "b16")
+TORCH_VARIANTS = ("a", "b", "b16", "b-v2", "b16-v2")
 
 
 class StageTimer:
@@ -55,7 +56,7 @@ class StageTimer:
 
 
 def torch_variant(kind: str, args: argparse.Namespace) -> Callable[[], dict[str, float]]:
-    """One timed run of variant ``kind`` (a, b or b16) per call, with per-stage times."""
+    """One timed run of variant ``kind`` (a, b, b16, b-v2 or b16-v2) per call, with per-stage times."""
     import torch
 
     from ..export.models import resolve_model
@@ -64,24 +65,28 @@ def torch_variant(kind: str, args: argparse.Namespace) -> Callable[[], dict[str,
     pipe = resolve_model(args.model, args.random_weights).pipe
     timer = StageTimer(pipe, args.steps if kind == "a" else args.gate)
     kw = {"num_inference_steps": args.steps, "height": args.height, "width": args.width, "output_type": "pil"}
+    # V1: cache from the gate on, no warm-up; V2: self-attention on the given schedule too
+    v2 = kind.endswith("-v2")
+    names = ("sp_interval", "fi_interval", "warm_up")
+    schedule = {k: getattr(args, k) for k in names} if v2 else {"sp_interval": 1, "fi_interval": 1, "warm_up": 0}
     if kind != "a":
-        from tgate import TgateSDLoader
+        import tgate
 
-        pipe = TgateSDLoader(pipe)
+        sdxl = "XL" in type(pipe).__name__
+        pipe = (tgate.TgateSDXLLoader if sdxl else tgate.TgateSDLoader)(pipe)
 
     def once() -> dict[str, float]:
         timer.times.clear()
         timer.unet_calls = 0
         gen = torch.Generator().manual_seed(args.seed)
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if kind == "b16" else contextlib.nullcontext()
+        bf16 = kind.startswith("b16")
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
         start = time.perf_counter()
         with autocast:
             if kind == "a":
                 pipe(args.prompt, generator=gen, **kw)
-            else:  # the authors' V1 settings: cache from the gate on, no warm-up
-                pipe.tgate(
-                    args.prompt, gate_step=args.gate, sp_interval=1, fi_interval=1, warm_up=0, generator=gen, **kw
-                )
+            else:
+                pipe.tgate(args.prompt, gate_step=args.gate, generator=gen, **schedule, **kw)
         times = dict(timer.times)
         times["total"] = time.perf_counter() - start
         return times
