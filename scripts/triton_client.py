@@ -27,6 +27,9 @@ INPUT_TYPES = {
     "guidance_scale": ("FP32", np.float32),
     "height": ("INT32", np.int32),
     "width": ("INT32", np.int32),
+    "sp_interval": ("INT32", np.int32),  # T-GATE V2 (a model served from a --schedule v2 export)
+    "fi_interval": ("INT32", np.int32),
+    "warm_up": ("INT32", np.int32),
 }
 
 
@@ -73,6 +76,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--guidance", type=float, default=None)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
+    p.add_argument(
+        "--sp-interval", type=int, default=None, help="T-GATE V2: self-attention every N steps before the gate"
+    )
+    p.add_argument("--fi-interval", type=int, default=None, help="T-GATE V2: ... and after it")
+    p.add_argument("--warm-up", type=int, default=None, help="T-GATE V2: steps before self-attention caching")
     p.add_argument("--out", type=Path, default=Path("image.png"))
     args = p.parse_args(argv)
     module = client_module(args.protocol)
@@ -92,6 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             guidance_scale=args.guidance,
             height=args.height,
             width=args.width,
+            sp_interval=args.sp_interval,
+            fi_interval=args.fi_interval,
+            warm_up=args.warm_up,
         )
     except Exception as exc:  # tritonclient raises InferenceServerException (and socket errors)
         print(f"triton_client: error: {exc}", file=sys.stderr)

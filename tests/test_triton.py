@@ -45,6 +45,7 @@ except TritonUnavailable as _exc:
 MODEL = "tgate_py"  # model.py form, 2 instances, artifacts linked
 BACKEND_MODEL = "tgate_be"  # backend "tgate" form, artifacts copied
 FAMILY_MODELS = {"tiny-sdxl": "tgate_sdxl", "tiny-lcm": "tgate_lcm"}  # other model families, 1 instance each
+V2_MODEL = "tgate_v2"  # a --schedule v2 export: requests carry sp_interval / fi_interval / warm_up
 OV_MODEL = "tgate_ov"  # --backend openvino: artifacts copied with their OpenVINO build
 HAS_OPENVINO = importlib.util.find_spec("openvino") is not None
 MAX_STEPS = 8
@@ -91,6 +92,7 @@ def ov_export(tiny_export: Path, tmp_path_factory: pytest.TempPathFactory) -> Pa
 def server(
     tiny_export: Path,
     model_export: Callable[[str], Path],
+    v2_export: Callable[[str], Path],
     ov_export: Path | None,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[TritonServer]:
@@ -103,6 +105,8 @@ def server(
     # Explicit model control: these models load at start; others (a tampered copy) load on demand.
     args = ["--model-control-mode=explicit", f"--load-model={MODEL}", f"--load-model={BACKEND_MODEL}"]
     args += [f"--load-model={name}" for name in FAMILY_MODELS.values()]
+    _generate_repo(v2_export("tiny"), repo, V2_MODEL, "--link")
+    args.append(f"--load-model={V2_MODEL}")
     if ov_export is not None:
         _generate_repo(ov_export, repo, OV_MODEL, "--backend", "openvino")
         args.append(f"--load-model={OV_MODEL}")
@@ -352,6 +356,27 @@ def test_other_model_families_are_served(
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize("protocol", ["http", "grpc"])
+def test_v2_requests_equal_local_pipeline(
+    server: TritonServer, v2_export: Callable[[str], Path], local: TGatePipeline, protocol: str
+) -> None:
+    """T-GATE V2 through Triton: sp_interval / fi_interval / warm_up reach the plan; a V1 model refuses them."""
+    v2 = TGatePipeline.from_export(v2_export("tiny"), threads=THREADS)
+    client, module = _client(server, protocol)
+    params = {"seed": 2, "steps": 8, "gate_step": 5, "sp_interval": 3, "fi_interval": 2, "warm_up": 1}
+    image = client_script.generate(client, module, V2_MODEL, "a red circle", **params)
+    result = v2(
+        "a red circle", num_inference_steps=8, gate_step=5, seed=2, sp_interval=3, fi_interval=2, warm_up=1
+    )
+    np.testing.assert_array_equal(image, np.asarray(result.images[0].convert("RGB"), dtype=np.uint8))
+    assert result.calls["unet_r1"] > 0 and result.calls["unet_post_r12"] > 0  # the request really was V2
+    with pytest.raises(InferenceServerException, match="--schedule v2"):
+        client_script.generate(client, module, MODEL, "a red circle", sp_interval=2)
+    with pytest.raises(InferenceServerException, match="fi_interval must be an integer"):
+        client_script.generate(client, module, V2_MODEL, "a red circle", fi_interval=0)
+
+
+@pytest.mark.slow
 @pytest.mark.skipif(not HAS_OPENVINO, reason="openvino (the openvino extra) is not installed")
 @pytest.mark.parametrize("protocol", ["http", "grpc"])
 def test_openvino_form_equals_local_pipeline(server: TritonServer, ov_export: Path | None, protocol: str) -> None:
@@ -432,7 +457,11 @@ def test_gpu_trt_config(tiny_export: Path, tmp_path: Path, capsys: pytest.Captur
         "guidance_scale": ("TYPE_FP32", [1], True),
         "height": ("TYPE_INT32", [1], True),
         "width": ("TYPE_INT32", [1], True),
+        "sp_interval": ("TYPE_INT32", [1], True),
+        "fi_interval": ("TYPE_INT32", [1], True),
+        "warm_up": ("TYPE_INT32", [1], True),
     }
+    assert params["schedule"] == "v1" and params["default_sp_interval"] == "1" and params["default_warm_up"] == "0"
     outputs = {t.name: (model_config_pb2.DataType.Name(t.data_type), list(t.dims)) for t in config.output}
     assert outputs == {
         "image": ("TYPE_UINT8", [-1, -1, 3]),

@@ -251,6 +251,8 @@ class Manifest:
         """Read ``manifest.json``; with ``verify`` every file it names must exist with its sha256."""
         folder = Path(folder)
         path = folder / MANIFEST_NAME
+        if folder.exists() and not folder.is_dir():
+            raise ManifestError(f"{folder} is not a folder: pass the export folder tgate-export wrote")
         if not folder.is_dir():
             raise ManifestError(f"export folder {folder} does not exist: run tgate-export first")
         if not path.is_file():

@@ -24,7 +24,6 @@ call runs in the tests against a stand-in ``tensorrt`` module.
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import shutil
 import tempfile
@@ -34,6 +33,7 @@ from typing import Any
 
 from .. import manifest as mf
 from ..contract.errors import UsageError, UserError
+from ..contract.files import atomic_write_json
 from .options import BuilderSettings, BuildOptions, apply_settings, builder_settings, save_timing_cache
 from .profiles import Profile, all_profiles, check_handoffs, is_static, output_shapes
 
@@ -256,5 +256,5 @@ def build_engines(
         "static": all(is_static(p) for p in profiles.values()),
         "plans": plans,
     }
-    mf.atomic_write_text(out_dir / ENGINES_JSON, json.dumps(section, indent=2) + "\n")
+    atomic_write_json(out_dir / ENGINES_JSON, section)
     return section

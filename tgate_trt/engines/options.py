@@ -45,7 +45,7 @@ class BuildOptions:
                 f"optimization level must be an integer 0..{MAX_OPT_LEVEL} (3 is TensorRT's default; higher "
                 f"builds longer for possibly faster engines), got {level!r}"
             )
-        if self.workspace_gib is not None and not self.workspace_gib > 0:
+        if self.workspace_gib is not None and not 0 < self.workspace_gib < float("inf"):
             raise UsageError(
                 f"workspace must be a positive number of GiB, got {self.workspace_gib!r}; "
                 "leave it out to let TensorRT use all free device memory"

@@ -14,6 +14,7 @@ from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
+from ..contract.errors import UsageError
 from ..manifest import GraphSpec
 
 
@@ -43,6 +44,35 @@ def default_providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+CPU_ARENAS = ("session", "shared", "off")
+_shared_arena = False
+
+
+def session_options(threads: int = 0, cpu_arena: str = "session") -> Any:
+    """ONNX Runtime session options. ``cpu_arena``: ``session`` (ORT's default: an arena per session that
+    keeps what it grew), ``shared`` (one arena registered with ORT's environment for every session, which a
+    run with ``memory.enable_memory_arena_shrinkage`` gives back to the system: a server's choice), or
+    ``off`` (plain malloc; measured 2x slower on a UNet step)."""
+    import onnxruntime as ort
+
+    global _shared_arena
+    if cpu_arena not in CPU_ARENAS:
+        raise UsageError(f"cpu_arena must be one of {', '.join(CPU_ARENAS)}, got {cpu_arena!r}")
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    if threads:
+        opts.intra_op_num_threads = threads
+    if cpu_arena == "shared":
+        if not _shared_arena:
+            cpu = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+            ort.create_and_register_allocator(cpu, None)
+            _shared_arena = True
+        opts.add_session_config_entry("session.use_env_allocators", "1")
+    elif cpu_arena == "off":
+        opts.enable_cpu_mem_arena = False
+    return opts
+
+
 class OrtEngine:
     """ONNX Runtime session driven through IO binding.
 
@@ -57,14 +87,12 @@ class OrtEngine:
         spec: GraphSpec,
         providers: Sequence[str] | None = None,
         threads: int = 0,
+        cpu_arena: str = "session",
     ) -> None:
         import onnxruntime as ort
 
         self.name, self.spec = name, spec
-        opts = ort.SessionOptions()
-        opts.log_severity_level = 3
-        if threads:
-            opts.intra_op_num_threads = threads
+        opts = session_options(threads, cpu_arena)
         self.session = ort.InferenceSession(str(path), opts, providers=list(providers or default_providers()))
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.dtypes = {t.name: np.dtype(t.dtype) for t in [*spec.inputs, *spec.outputs]}

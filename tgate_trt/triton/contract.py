@@ -17,6 +17,8 @@ import numpy as np
 
 from ..contract import limits
 from ..contract.errors import UsageError
+from ..methods.plan import TGateParams
+from ..methods.variants import schedule_of
 
 
 @dataclass(frozen=True)
@@ -39,6 +41,10 @@ INPUTS = (
     TensorDecl("guidance_scale", "TYPE_FP32", (1,)),
     TensorDecl("height", "TYPE_INT32", (1,)),
     TensorDecl("width", "TYPE_INT32", (1,)),
+    # T-GATE V2 (an export with --schedule v2): self-attention recomputed every N steps before / after the gate
+    TensorDecl("sp_interval", "TYPE_INT32", (1,)),
+    TensorDecl("fi_interval", "TYPE_INT32", (1,)),
+    TensorDecl("warm_up", "TYPE_INT32", (1,)),
 )
 OUTPUTS = (
     TensorDecl(IMAGE, "TYPE_UINT8", (-1, -1, 3), optional=False),
@@ -73,6 +79,10 @@ class Settings:
     max_pixels: int = 0  # pixels per image (0: limits.default_max_pixels of the default size)
     max_batch: int = DEFAULT_MAX_BATCH
     queue: str = "model"
+    schedule: str = "v1"  # the export's: v1 refuses requests that cache self-attention
+    sp_interval: int = 1
+    fi_interval: int = 1
+    warm_up: int = 0
 
     @property
     def pixel_cap(self) -> int:
@@ -87,6 +97,7 @@ class Settings:
         limits.check_int("max_pixels", self.max_pixels, 0)
         limits.check_int("max_batch", self.max_batch, 1, limits.MAX_BATCH)
         limits.check_int("size multiple", self.size_multiple, 1)
+        self.params(self.gate_step, self.sp_interval, self.fi_interval, self.warm_up)
         if self.queue not in QUEUES:
             raise UsageError(f"queue must be one of {', '.join(QUEUES)}, got {self.queue!r}")
         try:
@@ -107,7 +118,21 @@ class Settings:
             "max_pixels": str(self.pixel_cap),
             "max_batch": str(self.max_batch),
             "queue": self.queue,
+            "schedule": self.schedule,
+            "default_sp_interval": str(self.sp_interval),
+            "default_fi_interval": str(self.fi_interval),
+            "default_warm_up": str(self.warm_up),
         }
+
+    def params(self, gate_step: int, sp_interval: int, fi_interval: int, warm_up: int) -> TGateParams:
+        """A request's T-GATE parameters, refused when this export can't serve them."""
+        params = TGateParams(gate_step, sp_interval, fi_interval, warm_up)
+        if self.schedule == "v1" and schedule_of(params) == "v2":
+            raise UsageError(
+                "sp_interval/fi_interval/warm_up other than 1/1/0 cache self-attention, which this model's export "
+                "(--schedule v1) can't: send 1/1/0, or serve an export made with tgate-export --schedule v2"
+            )
+        return params
 
     @classmethod
     def from_parameters(cls, params: Mapping[str, str], size_multiple: int | None = None) -> Settings:
@@ -134,6 +159,10 @@ class Settings:
             max_pixels=number("max_pixels", int, "0"),
             max_batch=number("max_batch", int, str(DEFAULT_MAX_BATCH)),
             queue=params.get("queue", "model") or "model",
+            schedule=params.get("schedule", "v1") or "v1",
+            sp_interval=number("default_sp_interval", int, "1"),
+            fi_interval=number("default_fi_interval", int, "1"),
+            warm_up=number("default_warm_up", int, "0"),
         )
         settings.check()
         return settings
@@ -149,6 +178,9 @@ class GenerateRequest:
     guidance_scale: float
     height: int
     width: int
+    sp_interval: int = 1
+    fi_interval: int = 1
+    warm_up: int = 0
 
     @property
     def batch(self) -> int:
@@ -165,6 +197,9 @@ class GenerateRequest:
             "height": self.height,
             "width": self.width,
             "seed": self.seed,
+            "sp_interval": self.sp_interval,
+            "fi_interval": self.fi_interval,
+            "warm_up": self.warm_up,
         }
 
     def check_args(self) -> tuple[list[str], list[str] | None, int, int, float, int, int]:
@@ -232,15 +267,25 @@ def parse_request(get: Callable[[str], np.ndarray | None], settings: Settings) -
         height, width = limits.check_size(
             value("height", settings.height), value("width", settings.width), settings.size_multiple, settings.pixel_cap
         )
+        gate_step = limits.check_gate(steps, value("gate_step", settings.gate_step))
+        params = settings.params(
+            gate_step,
+            value("sp_interval", settings.sp_interval),
+            value("fi_interval", settings.fi_interval),
+            value("warm_up", settings.warm_up),
+        )
         return GenerateRequest(
             prompts=prompts,
             negative_prompts=negatives,
             seed=limits.check_seed(value("seed", 0)),
             steps=steps,
-            gate_step=limits.check_gate(steps, value("gate_step", settings.gate_step)),
+            gate_step=gate_step,
             guidance_scale=limits.check_guidance(value("guidance_scale", settings.guidance_scale)),
             height=height,
             width=width,
+            sp_interval=params.sp_interval,
+            fi_interval=params.fi_interval,
+            warm_up=params.warm_up,
         )
     except RequestError:
         raise

@@ -31,7 +31,7 @@ import site
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -75,48 +75,6 @@ def _malloc_trim() -> Callable[[], None]:
         trim(0)
 
     return release
-
-
-ARENAS = ("shared", "session", "off")
-
-
-@contextlib.contextmanager
-def _ort_cpu_arena(mode: str) -> Iterator[None]:
-    """While the pipeline loads, ONNX Runtime sessions get the CPU arena ``mode`` asks for.
-
-    ``shared``: one arena registered with ORT's environment, used by every session (config entry
-    ``session.use_env_allocators``), so one shrinking run gives a large request's memory back;
-    ``off``: no arena (every tensor straight from malloc); ``session``: ORT's default, an arena per
-    session that keeps what it grew. The runtime creates its sessions with default options and the
-    stub process is this model's own, so the options are set here, for the load only."""
-    if mode not in ARENAS:
-        raise ValueError(f"parameter ort_cpu_arena must be one of {', '.join(ARENAS)}, got {mode!r}")
-    try:
-        import onnxruntime as ort  # type: ignore[import-untyped, unused-ignore]
-    except ImportError:
-        yield
-        return
-    base = ort.SessionOptions
-    if mode == "session":
-        yield
-        return
-    if mode == "shared":
-        cpu = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
-        ort.create_and_register_allocator(cpu, None)
-
-    class Options(base):  # type: ignore[misc, valid-type]
-        def __init__(self) -> None:
-            super().__init__()
-            if mode == "shared":
-                self.add_session_config_entry("session.use_env_allocators", "1")
-            else:
-                self.enable_cpu_mem_arena = False
-
-    ort.SessionOptions = Options
-    try:
-        yield
-    finally:
-        ort.SessionOptions = base
 
 
 def _arena_shrinker(pipe: Any, mode: str) -> Callable[[], None]:
@@ -188,15 +146,15 @@ class TritonPythonModel:
         arena = (params.get("ort_cpu_arena") or "shared").strip().lower() if backend == "ort" else "session"
         # from_export checks every file of the export against its sha256 in manifest.json (graphs,
         # tokenizer, scheduler, configs); a missing or changed file fails the load, naming the file.
-        with _ort_cpu_arena(arena):
-            self.pipe: Any = TGatePipeline.from_export(
-                artifacts,
-                backend=backend,
-                providers=providers,
-                threads=int(params.get("threads", "0") or 0),
-                engines=params.get("engines") or None,
-                max_pixels=settings.pixel_cap,
-            )
+        self.pipe: Any = TGatePipeline.from_export(
+            artifacts,
+            backend=backend,
+            providers=providers,
+            threads=int(params.get("threads", "0") or 0),
+            engines=params.get("engines") or None,
+            max_pixels=settings.pixel_cap,
+            cpu_arena=arena,
+        )
         self.settings = Settings.from_parameters(params, size_multiple=self.pipe.manifest.size_multiple)
         self._shrink = _arena_shrinker(self.pipe, arena)
         self._trim = _malloc_trim() if _flag(params, "malloc_trim", True) else (lambda: None)

@@ -129,6 +129,10 @@ def _settings(manifest: mf.Manifest, opts: RepoOptions) -> Settings:
         max_pixels=manifest.max_pixels if opts.max_pixels is None else opts.max_pixels,
         max_batch=opts.max_batch,
         queue=opts.queue,
+        schedule=manifest.schedule,
+        sp_interval=int(d["sp_interval"]),
+        fi_interval=int(d["fi_interval"]),
+        warm_up=int(d["warm_up"]),
     )
     try:
         settings.check()
