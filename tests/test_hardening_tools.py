@@ -81,6 +81,9 @@ CASES = [
     ("tgate-eval", [*EV, "--out", "{tmp}/file.txt"], "exists and is not a folder"),
     ("tgate-eval", [*EV, "--out", "{tmp}/eval"], "already holds eval.json"),
     ("tgate-eval", [*EV, "--out", "{shapes}/quality"], "which this command reads"),
+    ("tgate-eval", [*EV, "--v2", "5/x", "--out", "{out}"], "--v2 takes GATE/SP/FI/WARMUP"),
+    ("tgate-eval", [*EV, "--v2", "10/5/1/2", "--out", "{out}"], "--v2 rows need a --schedule v2 export"),
+    ("tgate-eval", [*EV, "--v2-export", "{shapes}", "--out", "{out}"], "--v2-export is the export of the --v2 rows"),
     # --- tgate-bench --------------------------------------------------------------------------------
     ("tgate-bench", [*BE, "--runs", "0", "--out", "{out}"], "--runs must be an integer in 1..1000"),
     ("tgate-bench", [*BE, "--gate", "0", "--out", "{out}"], "--gate must be an integer >= 1"),

@@ -4,7 +4,9 @@ The paper answers with FID on real weights; here the same question gets a reprod
 prompt set (every colour x shape x position, fixed seeds) is generated with no gate and with each gate
 step, and the deterministic judge scores colour, shape and position. The mean absolute pixel difference
 to the no-gate image of the same seed shows how far gating moves each picture, and run times show the
-price of each setting. Writes ``eval.json``, ``eval.md`` and a PNG grid (baseline beside gated).
+price of each setting. ``--v2 G/SP/FI/WU,...`` adds T-GATE V2 rows (self-attention cached on a schedule
+too; e.g. ``10/5/1/2``, the authors' defaults) beside the V1 gates, run on a ``--schedule v2`` export.
+Writes ``eval.json``, ``eval.md`` and a PNG grid (baseline beside every setting).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ..contract.cli import Parser, command
 from ..contract.errors import UsageError
 from ..export.shapes import data
 from ..export.shapes.judge import accuracy
+from ..methods.plan import TGateParams
 from .bench_report import ReportFiles, write_json
 
 if TYPE_CHECKING:
@@ -33,6 +36,18 @@ if TYPE_CHECKING:
 DEFAULT_GATES = (2, 3, 5, 8, 10, 15)
 MAX_SEEDS_PER_PROMPT = 100  # 7,500 images per run, every run's kept in memory for the grid
 REPORT = ("eval.json", "eval.md", "grid.png")  # what --out receives; nothing else in it is touched
+V2_EXPORT = "export-v2"  # default V2 export folder inside --out (the V1 one is "export")
+
+
+def v1(gate: int) -> TGateParams:
+    return TGateParams.v1(gate)
+
+
+def label(params: TGateParams, steps: int) -> str:
+    """A run's name in the table and the grid: ``no gate``, ``gate 5`` (V1) or ``V2 10/5/1/2``."""
+    if (params.sp_interval, params.fi_interval, params.warm_up) != (1, 1, 0):
+        return f"V2 {params.gate_step}/{params.sp_interval}/{params.fi_interval}/{params.warm_up}"
+    return "no gate" if params.gate_step >= steps else f"gate {params.gate_step}"
 
 
 def generate(
@@ -40,18 +55,22 @@ def generate(
     prompts: list[str],
     seeds: list[int],
     steps: int,
-    gate: int,
+    gate: int | TGateParams,
     guidance: float | None,
     batch: int,
 ) -> tuple[list[np.ndarray], float]:
     """Images for ``prompts``; batch k draws its noise from a generator seeded with its first prompt's seed,
-    so every run (baseline or gated) starts each image from the same noise."""
+    so every run (baseline or gated) starts each image from the same noise. ``gate``: a V1 gate step, or
+    V1 / V2 parameters (always passed whole: a V2 export's defaults would cache self-attention)."""
+    params = v1(gate) if isinstance(gate, int) else gate
+    schedule = {"sp_interval": params.sp_interval, "fi_interval": params.fi_interval, "warm_up": params.warm_up}
     images: list[np.ndarray] = []
     start = time.perf_counter()
     for i in range(0, len(prompts), batch):
         result = pipe(
-            prompts[i : i + batch], num_inference_steps=steps, gate_step=gate, guidance_scale=guidance, seed=seeds[i]
-        )
+            prompts[i : i + batch], num_inference_steps=steps, gate_step=params.gate_step, guidance_scale=guidance,
+            seed=seeds[i], **schedule,
+        )  # fmt: skip
         images += [np.asarray(im) for im in result.images]
     return images, time.perf_counter() - start
 
@@ -63,27 +82,40 @@ def evaluate(
     guidance: float | None = None,
     seeds_per_prompt: int = 2,
     batch: int = 25,
-) -> tuple[list[dict[str, Any]], dict[int, list[np.ndarray]], list[tuple[str, int, data.Spec]]]:
-    """Rows of the quality table (baseline first) and every image, keyed by gate (``steps`` = no gate)."""
+    v2: tuple[TGateParams, ...] = (),
+    v2_pipe: TGatePipeline | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, list[np.ndarray]], list[tuple[str, int, data.Spec]]]:
+    """Rows of the quality table (baseline first, then each V1 gate, then each V2 setting, run by ``v2_pipe``,
+    default ``pipe``) and every image, keyed by the row's ``run`` label."""
     from tqdm.auto import tqdm
 
     check_gates(steps, gates)
+    check_v2(steps, v2)
     limits.check_int("seeds_per_prompt", seeds_per_prompt, 1, MAX_SEEDS_PER_PROMPT)
     limits.check_batch(batch)
     items = data.prompt_set(seeds_per_prompt)
     prompts, seeds, specs = [p for p, _, _ in items], [s for _, s, _ in items], [sp for _, _, sp in items]
-    images: dict[int, list[np.ndarray]] = {}
+    images: dict[str, list[np.ndarray]] = {}
     rows: list[dict[str, Any]] = []
+    runs = [(pipe, v1(steps)), *((pipe, v1(g)) for g in gates), *((v2_pipe or pipe, p) for p in v2)]
     generate(pipe, prompts[:batch], seeds, steps, 1, guidance, batch)  # warm-up: ORT's first calls are slow
-    for gate in tqdm([steps, *gates], desc="eval runs", unit="run"):
-        imgs, seconds = generate(pipe, prompts, seeds, steps, gate, guidance, batch)
-        images[gate] = imgs
-        base = images[steps]
+    if v2 and v2_pipe is not None and v2_pipe is not pipe:
+        generate(v2_pipe, prompts[:batch], seeds, steps, v2[0], guidance, batch)  # its graphs' first calls
+    for runner, params in tqdm(runs, desc="eval runs", unit="run"):
+        name = label(params, steps)
+        imgs, seconds = generate(runner, prompts, seeds, steps, params, guidance, batch)
+        images[name] = imgs
+        base = images["no gate"]
         mad = float(np.mean([np.abs(a.astype(np.float32) - b).mean() for a, b in zip(imgs, base, strict=True)]))
+        schedule = "v1" if name.startswith(("no gate", "gate")) else "v2"
         rows.append(
             {
-                "run": "no gate" if gate == steps else f"gate {gate}",
-                "gate": gate,
+                "run": name,
+                "gate": params.gate_step,
+                "schedule": schedule,
+                "sp_interval": params.sp_interval,
+                "fi_interval": params.fi_interval,
+                "warm_up": params.warm_up,
                 **{k: round(v, 4) for k, v in accuracy(imgs, specs).items()},
                 "mad_vs_baseline": round(mad, 3),
                 "seconds": round(seconds, 2),
@@ -106,13 +138,15 @@ def markdown(rows: list[dict[str, Any]], n: int, steps: int, guidance: float) ->
             f"| {r['run']} | {100 * r['color']:.1f} | {100 * r['shape']:.1f} | {100 * r['position']:.1f} | "
             f"{100 * r['all']:.1f} | {r['mad_vs_baseline']:.2f} | {r['seconds']:.1f} | {r['speedup']:.2f}x |"
         )
+    if any(r.get("schedule") == "v2" for r in rows):
+        lines += ["", "V2 G/SP/FI/WU: gate, sp_interval, fi_interval, warm_up (self-attention cached on that schedule)"]
     return "\n".join(lines) + "\n"
 
 
 def grid(
-    images: dict[int, list[np.ndarray]], items: list[tuple[str, int, data.Spec]], steps: int, path: Path, rows: int = 10
+    images: dict[str, list[np.ndarray]], items: list[tuple[str, int, data.Spec]], steps: int, path: Path, rows: int = 10
 ) -> None:
-    """Baseline beside every gate for a spread of prompts."""
+    """Baseline beside every setting for a spread of prompts (``images`` keyed by run label)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -128,10 +162,10 @@ def grid(
             ax.set_xticks([])
             ax.set_yticks([])
             if r == 0:
-                ax.set_title("no gate" if gate == steps else f"gate {gate}", fontsize=9)
+                ax.set_title(gate, fontsize=9)
             if c == 0:
                 ax.set_ylabel(items[idx][0].removeprefix("a "), fontsize=7, rotation=0, ha="right", va="center")
-    fig.suptitle(f"T-GATE on shapes: {steps} steps, gate step per column", fontsize=10)
+    fig.suptitle(f"T-GATE on shapes: {steps} steps, one setting per column", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)  # into the report's stage (ReportFiles), or with atomic_save
     plt.close(fig)
@@ -151,6 +185,42 @@ def check_gates(steps: int, gates: Sequence[int]) -> tuple[int, ...]:
     return tuple(gates)
 
 
+def check_v2(steps: int, settings: Sequence[TGateParams]) -> tuple[TGateParams, ...]:
+    """V2 settings with a gate in ``1..steps`` (``steps``: self-attention caching alone), each once."""
+    for p in settings:
+        limits.check_int("--v2 gate", p.gate_step, 1, steps, f" (--steps is {steps})")
+        if (p.sp_interval, p.fi_interval, p.warm_up) == (1, 1, 0):
+            raise UsageError(
+                f"--v2 {p.gate_step}/1/1/0 caches no self-attention: it is V1's gate {p.gate_step}; put it in --gates"
+            )
+    if len(set(settings)) != len(settings):
+        raise UsageError("--v2 names a setting twice")
+    return tuple(settings)
+
+
+def parse_v2(text: str | None, steps: int) -> tuple[TGateParams, ...]:
+    """``G/SP/FI/WU`` settings, comma-separated (gate, sp_interval, fi_interval, warm_up), e.g. ``10/5/1/2``."""
+    if text is None:
+        return ()
+    settings = []
+    for part in text.split(","):
+        fields = part.strip().split("/")
+        try:
+            if len(fields) != 4:
+                raise ValueError
+            g, sp, fi, wu = (int(f) for f in fields)
+        except ValueError:
+            raise UsageError(
+                f"--v2 takes GATE/SP/FI/WARMUP settings, comma-separated, e.g. 10/5/1/2; got {part.strip()!r}"
+            ) from None
+        limits.check_int("--v2 gate", g, 1, steps, f" (--steps is {steps})")
+        limits.check_int("--v2 sp_interval", sp, 1, limits.MAX_STEPS, " (1 recomputes self-attention every step)")
+        limits.check_int("--v2 fi_interval", fi, 1, limits.MAX_STEPS, " (1 recomputes self-attention every step)")
+        limits.check_int("--v2 warm_up", wu, 0, limits.MAX_STEPS)
+        settings.append(TGateParams(g, sp, fi, wu))
+    return check_v2(steps, settings)
+
+
 def parse_gates(text: str, steps: int) -> tuple[int, ...]:
     parts = [p.strip() for p in text.split(",")]
     try:
@@ -164,6 +234,18 @@ def build_parser() -> Parser:
     ap = Parser(prog="tgate-eval", description=__doc__.splitlines()[0])
     ap.add_argument("--export", type=Path, help="export folder of the shapes model (default: export it to OUT/export)")
     ap.add_argument("--gates", default=",".join(map(str, DEFAULT_GATES)), help="comma-separated gate steps")
+    ap.add_argument(
+        "--v2",
+        metavar="G/SP/FI/WU,...",
+        help="T-GATE V2 rows: gate/sp_interval/fi_interval/warm_up settings, comma-separated (e.g. 10/5/1/2, the "
+        "authors' defaults); default: none",
+    )
+    ap.add_argument(
+        "--v2-export",
+        type=Path,
+        help=f"--schedule v2 export of the shapes model for the --v2 rows (default: --export when it is V2, else "
+        f"export it to OUT/{V2_EXPORT})",
+    )
     ap.add_argument("--steps", type=int, default=25, help=f"denoising steps, 2..{limits.MAX_STEPS}")
     ap.add_argument("--guidance", type=float, help="guidance scale (default: the export's)")
     ap.add_argument(
@@ -182,9 +264,23 @@ def build_parser() -> Parser:
     return ap
 
 
-def check_args(args: argparse.Namespace) -> tuple[tuple[int, ...], ReportFiles]:
-    """Everything that can be refused before an export is made or loaded."""
+def _check_export(folder: Path, made: str, schedule: str | None = None) -> mf.Manifest | None:
+    """An export folder's manifest (schema only: the pipeline checks the hashes), or the export request
+    that will make it when it is missing (``made``: the folder is ours to export into)."""
+    from ..export.exporter import ExportRequest, check_request
+
+    if (folder / mf.MANIFEST_NAME).is_file():
+        return mf.Manifest.load(folder, verify=False)
+    if made:
+        check_request(ExportRequest("shapes", folder, schedule=schedule or "v1"))
+        return None
+    raise UsageError(f"{folder} is not an export folder (no {mf.MANIFEST_NAME}); run tgate-export --model shapes")
+
+
+def check_args(args: argparse.Namespace) -> tuple[tuple[int, ...], tuple[TGateParams, ...], ReportFiles]:
+    """Everything that can be refused before an export is made or loaded; fills in ``args.v2_export``."""
     gates = parse_gates(args.gates, args.steps)
+    v2 = parse_v2(args.v2, args.steps)
     if args.guidance is not None:
         limits.check_float("--guidance", args.guidance, 0.0, limits.GUIDANCE_MAX)
     limits.check_int("--seeds-per-prompt", args.seeds_per_prompt, 1, MAX_SEEDS_PER_PROMPT)
@@ -192,47 +288,67 @@ def check_args(args: argparse.Namespace) -> tuple[tuple[int, ...], ReportFiles]:
     limits.check_int("--threads", args.threads, 0, None, " (0: the backend's choice)")
     if args.engines is not None and args.backend != "openvino":
         raise UsageError("--engines names an OpenVINO build: use it with --backend openvino")
-    report = ReportFiles(args.out, REPORT, "tgate-eval", force=args.force, sources=[args.export], report_keys=("rows",))
+    if args.v2_export is not None and not v2:
+        raise UsageError("--v2-export is the export of the --v2 rows: name them with --v2 G/SP/FI/WU")
+    sources = [args.export, args.v2_export]
+    report = ReportFiles(args.out, REPORT, "tgate-eval", force=args.force, sources=sources, report_keys=("rows",))
     report.check()
-    if args.export is not None:
-        if not (args.export / mf.MANIFEST_NAME).is_file():
+    manifest = _check_export(args.export or args.out / "export", "" if args.export else "made")
+    if v2 and args.v2_export is None:
+        if manifest is not None and manifest.schedule == "v2":
+            args.v2_export = args.export or args.out / "export"
+        elif args.export is not None:
             raise UsageError(
-                f"{args.export} is not an export folder (no {mf.MANIFEST_NAME}); run tgate-export --model shapes"
+                f"--v2 rows need a --schedule v2 export: {args.export} is v1; make one with tgate-export --model "
+                f"shapes --schedule v2 --out DIR and pass --v2-export DIR (or --export DIR for every row)"
             )
-        mf.Manifest.load(args.export, verify=False)  # the schema; the pipeline checks the hashes
-    elif (args.out / "export" / mf.MANIFEST_NAME).is_file():
-        mf.Manifest.load(args.out / "export", verify=False)
-    else:
-        from ..export.exporter import ExportRequest, check_request
+        else:
+            args.v2_export = args.out / V2_EXPORT
+    if v2:
+        made = "" if args.v2_export != args.out / V2_EXPORT else "made"
+        v2_manifest = _check_export(args.v2_export, made, "v2")
+        if v2_manifest is not None and v2_manifest.schedule != "v2":
+            raise UsageError(
+                f"--v2 rows need a --schedule v2 export: {args.v2_export} is {v2_manifest.schedule}; make one "
+                "with tgate-export --model shapes --schedule v2"
+            )
+    return gates, v2, report
 
-        check_request(ExportRequest("shapes", args.out / "export"))
-    return gates, report
+
+def _pipeline(export: Path, schedule: str, args: argparse.Namespace) -> TGatePipeline:
+    """The shapes model's pipeline from ``export``, exported there first when missing (and kept for the next run)."""
+    from .pipeline import TGatePipeline
+
+    if not (export / mf.MANIFEST_NAME).is_file():
+        from ..export.exporter import ExportRequest, run_export
+
+        run_export(ExportRequest("shapes", export, schedule=schedule))
+    pipe = TGatePipeline.from_export(export, backend=args.backend, threads=args.threads, engines=args.engines)
+    words = data.vocabulary()
+    if any(len(pipe.tokenizer(w).input_ids) != 3 for w in words):  # start, word, end
+        raise UsageError(
+            f"{export} is not a shapes model (its tokenizer lacks the caption words); the judge only knows "
+            "shapes images: export with tgate-export --model shapes"
+        )
+    return pipe
 
 
 @command("tgate-eval")
 def main(argv: Sequence[str]) -> int:
     args = build_parser().parse_args(argv)
-    gates, report = check_args(args)
+    gates, v2, report = check_args(args)
     with report as stage:  # locked for the run; the three files appear together at the end
-        export = args.export
-        if export is None:
-            export = args.out / "export"
-            if not (export / mf.MANIFEST_NAME).is_file():
-                from ..export.exporter import ExportRequest, run_export
-
-                run_export(ExportRequest("shapes", export))  # kept: the next run reuses it
-        from .pipeline import TGatePipeline
-
-        pipe = TGatePipeline.from_export(export, backend=args.backend, threads=args.threads, engines=args.engines)
-        words = data.vocabulary()
-        if any(len(pipe.tokenizer(w).input_ids) != 3 for w in words):  # start, word, end
-            raise UsageError(
-                f"{export} is not a shapes model (its tokenizer lacks the caption words); the judge only knows "
-                "shapes images: export with tgate-export --model shapes"
-            )
+        export = args.export or args.out / "export"
+        pipe = _pipeline(export, "v1", args)
+        v2_pipe = None
+        if v2:
+            same = Path(args.v2_export).resolve() == Path(export).resolve()
+            v2_pipe = pipe if same else _pipeline(args.v2_export, "v2", args)
         builds = pipe.manifest.extra.get("engines", {})
         build = builds.get(args.engines or "openvino") if args.backend == "openvino" else None
-        rows, images, items = evaluate(pipe, gates, args.steps, args.guidance, args.seeds_per_prompt, args.batch)
+        rows, images, items = evaluate(
+            pipe, gates, args.steps, args.guidance, args.seeds_per_prompt, args.batch, v2, v2_pipe
+        )
         guidance = args.guidance if args.guidance is not None else pipe.manifest.defaults["guidance_scale"]
         table = markdown(rows, len(items), args.steps, guidance)
         result = {
@@ -240,6 +356,7 @@ def main(argv: Sequence[str]) -> int:
             "command": " ".join(["tgate-eval", *argv]),
             "machine": {"cpu": platform.processor() or platform.machine(), "python": platform.python_version()},
             "export": str(export),
+            **({"v2_export": str(args.v2_export)} if v2 else {}),
             "backend": args.backend,
             **({k: build.get(k) for k in ("precision", "openvino", "device")} if build else {}),
             "steps": args.steps,
