@@ -19,9 +19,9 @@ import torch
 
 from tgate_trt import manifest as mf
 from tgate_trt.export.exporter import ExportRequest, run_export
-from tgate_trt.export.models import build_from_architecture
 from tgate_trt.export.tgate import cross_attention_modules
 from tgate_trt.export.validate import format_table
+from tgate_trt.families import build_from_architecture
 
 
 def torch_counts(preset: str) -> dict[str, int]:

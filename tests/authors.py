@@ -17,7 +17,7 @@ def tiny_pipe(name: str, scheduler: str | None = None) -> Any:
     """A tiny pipeline (``tiny`` or a ``tiny-*`` variant), its scheduler replaced by ``scheduler`` if given."""
     import diffusers
 
-    from tgate_trt.export.models import build_from_architecture, build_tiny
+    from tgate_trt.families import build_from_architecture, build_tiny
 
     pipe = build_tiny() if name == "tiny" else build_from_architecture(name)
     if scheduler is not None:

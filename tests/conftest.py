@@ -67,7 +67,7 @@ def model_export(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Pa
 
 @pytest.fixture
 def tiny_pipe():
-    from tgate_trt.export.models import build_tiny
+    from tgate_trt.families import build_tiny
 
     return build_tiny()
 

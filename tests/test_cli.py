@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tgate_trt.export.cli import main
-from tgate_trt.export.models import ModelLoadError, resolve_model
+from tgate_trt.families import ModelLoadError, resolve_model
 
 
 def _err(capsys: pytest.CaptureFixture[str], argv: list[str]) -> str:

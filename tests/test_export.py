@@ -14,8 +14,8 @@ import torch
 
 from tgate_trt import manifest as mf
 from tgate_trt.export.exporter import ExportError, ExportRequest, run_export
-from tgate_trt.export.models import build_tiny
 from tgate_trt.export.tgate import PostGateUNet, PreGateUNet, cross_attention_modules
+from tgate_trt.families import build_tiny
 
 
 def _session(root: Path, key: str) -> ort.InferenceSession:

@@ -48,7 +48,7 @@ if before == "hash":
     mf.sha256_file = boom("hashed a file")
 if before in ("hash", "load"):
     if tool == "export":
-        import tgate_trt.export.models as models
+        import tgate_trt.families.load as models
         for name in ("build_tiny", "build_from_architecture", "_load_pretrained", "_load_single_file"):
             setattr(models, name, boom("loaded the model"))
     elif tool == "run":
@@ -202,7 +202,7 @@ def test_api_refuses(case: Case, ctx: Ctx, request: pytest.FixtureRequest, monke
     if case.before == "hash":
         monkeypatch.setattr(mf, "sha256_file", guard("hashed a file"))
     if case.before in ("hash", "load"):
-        import tgate_trt.export.models as models
+        import tgate_trt.families.load as models
 
         monkeypatch.setattr(pipeline, "OrtEngine", guard("loaded a graph"))
         for name in ("build_tiny", "build_from_architecture", "_load_pretrained", "_load_single_file"):
@@ -322,7 +322,7 @@ def test_two_writers_one_out(tmp_path: Path) -> None:
 
 def test_force_onto_a_source_keeps_it(tmp_path: Path, tiny_export: Path) -> None:
     """A real diffusers folder as --model, --out its parent with --force; and a quantize onto its source."""
-    from tgate_trt.export.models import build_tiny
+    from tgate_trt.families import build_tiny
 
     models = tmp_path / "models"
     build_tiny().save_pretrained(models / "my-sd")

@@ -10,7 +10,7 @@ import torch
 
 from tgate_trt import manifest as mf
 from tgate_trt.export.exporter import ExportError, ExportRequest, run_export
-from tgate_trt.export.models import build_from_architecture
+from tgate_trt.families import build_from_architecture
 from tgate_trt.runtime.pipeline import TGatePipeline
 
 pytest.importorskip("peft", reason="peft (dev / lora extra) loads LoRA weights")

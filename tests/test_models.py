@@ -13,9 +13,9 @@ import torch
 
 from tgate_trt import manifest as mf
 from tgate_trt.export.exporter import ExportRequest, run_export
-from tgate_trt.export.models import build_from_architecture
 from tgate_trt.export.reference import tgate_reference
 from tgate_trt.export.tgate import cross_attention_modules
+from tgate_trt.families import build_from_architecture
 from tgate_trt.runtime.pipeline import TGatePipeline
 
 PROMPTS = ["a red circle on the left", "a blue square at the top"]
@@ -249,7 +249,7 @@ def test_cli_exports_and_runs_a_tiny_variant(tmp_path: Path, capsys: pytest.Capt
 
 @pytest.mark.parametrize("preset", ["sdxl", "lcm-sd15", "lcm-sdxl"])
 def test_hub_presets_fail_offline_with_a_hint(preset: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from tgate_trt.export.models import ModelLoadError, resolve_model
+    from tgate_trt.families import ModelLoadError, resolve_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="--random-weights"):

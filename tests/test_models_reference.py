@@ -11,10 +11,9 @@ import pytest
 import torch
 
 from tgate_trt import manifest as mf
-from tgate_trt.export.families import detect_family
-from tgate_trt.export.models import ARCHITECTURES, build_from_architecture
 from tgate_trt.export.reference import tgate_reference
 from tgate_trt.export.tgate import cross_attention_modules
+from tgate_trt.families import ARCHITECTURES, build_from_architecture, detect_family
 
 PROMPTS = ["a red circle on the left", "a blue square"]
 GUIDANCE = {"tiny-sd21": 7.5, "tiny-sdxl": 5.0, "tiny-lcm": 8.5, "tiny-lcm-sdxl": 8.0}

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tgate_trt.export.models import build_from_architecture, build_tiny
 from tgate_trt.export.reference import tgate_reference
 from tgate_trt.export.tgate import GateState, TGateAttnProcessor, cross_attention_modules, install_tgate
+from tgate_trt.families import build_from_architecture, build_tiny
 from tgate_trt.methods.plan import TGateParams
 
 STEPS = 10

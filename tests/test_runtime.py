@@ -13,8 +13,8 @@ import torch
 from PIL import Image
 
 from tgate_trt import manifest as mf
-from tgate_trt.export.models import build_tiny
 from tgate_trt.export.reference import tgate_reference
+from tgate_trt.families import build_tiny
 from tgate_trt.runtime.engine import Engine
 from tgate_trt.runtime.pipeline import TGatePipeline
 

@@ -86,7 +86,7 @@ def test_training_runs_and_resumes_to_the_same_weights(tmp_path: Path) -> None:
 
 
 def test_shipped_weights_load_offline_and_match_their_hashes(tmp_path: Path) -> None:
-    from tgate_trt.export.models import resolve_model
+    from tgate_trt.families import resolve_model
 
     record = verify()
     assert record["command"].startswith("python scripts/train_shapes.py")

@@ -10,7 +10,7 @@ import pytest
 import torch
 from ldm_checkpoint import ldm_state_dict, save_ldm_checkpoint
 
-from tgate_trt.export.models import ARCHITECTURES, ModelLoadError, resolve_model
+from tgate_trt.families import ARCHITECTURES, ModelLoadError, resolve_model
 
 COMPONENTS = ("unet", "vae", "text_encoder")
 

@@ -333,7 +333,8 @@ def test_build_and_run_tiny_engines_match_ort(
     trt = _real_tensorrt()
     if not torch.cuda.is_available():
         pytest.skip("needs a CUDA GPU visible to torch (a CUDA build of torch)")
-    from tgate_trt.runtime.pipeline import TGatePipeline, make_scheduler
+    from tgate_trt.families import make_scheduler
+    from tgate_trt.runtime.pipeline import TGatePipeline
     from tgate_trt.runtime.trt_engine import load_engines
 
     export = tiny_export if schedule == "v1" else v2_export("tiny")
@@ -347,6 +348,6 @@ def test_build_and_run_tiny_engines_match_ort(
               "sp_interval": params.sp_interval, "fi_interval": params.fi_interval, "warm_up": params.warm_up}
     a, b = ref("a red circle", **kwargs), pipe("a red circle", **kwargs)
     assert np.abs(a.latents - b.latents).max() < 1e-2
-    steps = pipe.plan(12, params, make_scheduler("ddim", pipe.scheduler_config))
+    steps = pipe.plan(12, params, make_scheduler(pipe.scheduler_config, "ddim"))
     for key in ref.manifest.variants:
         assert b.calls[key] == sum(select(pipe.variants, s).key == key for s in steps), key

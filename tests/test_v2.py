@@ -46,9 +46,9 @@ def _run(pipe: TGatePipeline, name: str, steps: int, params: TGateParams, schedu
 
 
 def _planned(pipe: TGatePipeline, steps: int, params: TGateParams, scheduler: str) -> dict[str, int]:
-    from tgate_trt.runtime.pipeline import make_scheduler
+    from tgate_trt.families import make_scheduler
 
-    plan = pipe.plan(steps, params, make_scheduler(scheduler, pipe.scheduler_config))
+    plan = pipe.plan(steps, params, make_scheduler(pipe.scheduler_config, scheduler))
     counts = dict.fromkeys(pipe.manifest.variants, 0)
     for step in plan:
         counts[select(pipe.variants, step).key] += 1

@@ -127,9 +127,9 @@ def _curves(
     and outputs each ``kind`` output as the cache a gate would keep (CFG mean, or as-is without CFG)."""
     import torch
 
+    from ..families import detect_family
     from ..methods.plan import FULL, MEAN, Step
     from ..methods.sampler import denoise
-    from .families import detect_family
     from .reference import encode_conditioning
     from .tgate import VariantUNet, remove_tgate
 
@@ -280,7 +280,7 @@ def check_size(args: argparse.Namespace, multiple: int, native: int) -> tuple[in
 
 def _preset_size(args: argparse.Namespace) -> None:
     """A preset's size rule is known from its configs: refuse a bad size before building the model."""
-    from .models import ARCHITECTURES
+    from ..families import ARCHITECTURES
 
     arch = ARCHITECTURES.get(args.model)
     if arch is not None and (args.random_weights or args.model.startswith("tiny")):
@@ -304,7 +304,7 @@ def main(argv: Sequence[str]) -> int:
     _preset_size(args)
     from tqdm import tqdm
 
-    from .models import resolve_model
+    from ..families import resolve_model
 
     with report as stage:  # locked for the run; both files appear together at the end
         source = resolve_model(args.model, args.random_weights, args.config)

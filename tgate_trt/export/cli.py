@@ -11,9 +11,9 @@ from tqdm import tqdm
 
 from ..contract.cli import Parser, command
 from ..contract.errors import UsageError
+from ..families import PRESETS
 from ..methods.variants import SCHEDULES
 from .exporter import DTYPES, MAX_OPSET, MIN_OPSET, STAGES, ExportRequest, check_request, run_export
-from .models import PRESETS
 from .validate import format_table
 
 

@@ -19,8 +19,20 @@ from .. import manifest as mf
 from ..contract import limits
 from ..contract.errors import UserError
 from ..contract.files import MARKER, OutputDir
+from ..families import (
+    ARCHITECTURES,
+    CHECKPOINT_SUFFIXES,
+    FAMILY_DEFAULTS,
+    PRESETS,
+    ModelLoadError,
+    SourceModel,
+    apply_lcm_lora,
+    check_diffusers_folder,
+    detect_family,
+    resolve_model,
+    text_section,
+)
 from ..methods.variants import SCHEDULES, GraphVariant, variants_for
-from .families import FAMILY_DEFAULTS, detect_family, text_section
 from .graphs import (
     ExportOptions,
     cache_sites,
@@ -29,16 +41,6 @@ from .graphs import (
     text_encoder_keys,
     vae_upcast,
     variant_modules,
-)
-from .models import (
-    ARCHITECTURES,
-    CHECKPOINT_SUFFIXES,
-    PRESETS,
-    ModelLoadError,
-    SourceModel,
-    apply_lcm_lora,
-    check_diffusers_folder,
-    resolve_model,
 )
 from .onnx_io import describe
 from .validate import Check, validate_export
@@ -211,11 +213,10 @@ def build_manifest(
     params: dict[str, int],
     layers: list[mf.CacheLayer],
     checks: list[Check],
-    family: mf.ModelFamily | None = None,
+    family: mf.ModelFamily,
     schedule: str = "v1",
 ) -> mf.Manifest:
     pipe = src.pipe
-    family = family or detect_family(pipe)
     variants = variants_for(schedule, family.cfg)
     keys = [*text_encoder_keys(family), *(v.key for v in variants), mf.VAE_DECODER]
     latent = {
@@ -303,7 +304,7 @@ def run_export(
                 if v.reads_text == before:
                     params[v.key] = export_variant(pipe, modules, v.key, layers, tmp / v.key, opts)
         stage(STAGES[4])
-        checks = validate_export(pipe, tmp, opts, family=family, variants=variants)
+        checks = validate_export(pipe, tmp, opts, family, variants=variants)
         failed = [c for c in checks if not c.passed]
         if failed:
             from .validate import format_table

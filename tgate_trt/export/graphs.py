@@ -15,7 +15,6 @@ import torch
 from .. import manifest as mf
 from ..methods.plan import FULL, KINDS
 from ..methods.variants import CACHE_PREFIX, GraphVariant, cache_tensor, source_of
-from .families import detect_family
 from .onnx_io import ScratchDir, finalize
 from .tgate import VariantUNet
 
@@ -55,11 +54,10 @@ def _export(module: torch.nn.Module, args: tuple[Any, ...], raw: Path, opts: Exp
 
 
 def unet_example(
-    pipe: Any, opts: ExportOptions, batch: int = 1, seed: int = 0, family: mf.ModelFamily | None = None
+    pipe: Any, opts: ExportOptions, batch: int = 1, seed: int = 0, *, family: mf.ModelFamily
 ) -> dict[str, torch.Tensor]:
     """Seeded UNet inputs at ``batch`` and the options' image size: the sample and every conditioning
-    input any variant takes (each variant picks its own with :func:`variant_feeds`)."""
-    family = family or detect_family(pipe)
+    input any variant of ``family`` takes (each variant picks its own with :func:`variant_feeds`)."""
     gen = torch.Generator().manual_seed(seed)
     factor = pipe.vae_scale_factor
     h, w = opts.height // factor, opts.width // factor
@@ -102,11 +100,10 @@ def variant_feeds(
 
 
 def cache_sites(
-    pipe: Any, opts: ExportOptions, family: mf.ModelFamily | None = None, kinds: tuple[str, ...] = ("attn2",)
+    pipe: Any, opts: ExportOptions, family: mf.ModelFamily, kinds: tuple[str, ...] = ("attn2",)
 ) -> list[mf.CacheLayer]:
     """Probe the UNet once: channels and spatial level of every cache site of ``kinds``, in graph order
     (attn2 first, as V1 numbered them, then attn1)."""
-    family = family or detect_family(pipe)
     capture = tuple((k, FULL) for k in ("attn2", "attn1") if k in kinds)
     probe = VariantUNet(pipe.unet, GraphVariant("probe", False, capture=capture), family)
     example = unet_example(pipe, opts, family=family)
@@ -126,7 +123,7 @@ def cache_sites(
     return layers
 
 
-def cache_layers(pipe: Any, opts: ExportOptions, family: mf.ModelFamily | None = None) -> list[mf.CacheLayer]:
+def cache_layers(pipe: Any, opts: ExportOptions, family: mf.ModelFamily) -> list[mf.CacheLayer]:
     """V1's cache sites: every attn2, in execution order."""
     return cache_sites(pipe, opts, family)
 
@@ -150,9 +147,7 @@ def _input_axes(names: list[str]) -> dict[str, dict[int, str]]:
     return {**axes, mf.SAMPLE: _LATENT_AXES}
 
 
-def variant_modules(
-    pipe: Any, variants: tuple[GraphVariant, ...], family: mf.ModelFamily | None = None
-) -> dict[str, VariantUNet]:
+def variant_modules(pipe: Any, variants: tuple[GraphVariant, ...], family: mf.ModelFamily) -> dict[str, VariantUNet]:
     return {v.key: VariantUNet(pipe.unet, v, family) for v in variants}
 
 
@@ -201,9 +196,7 @@ def text_encoder_keys(family: mf.ModelFamily) -> tuple[str, ...]:
     return (mf.TEXT_ENCODER, mf.TEXT_ENCODER_2) if family.added_conditioning else (mf.TEXT_ENCODER,)
 
 
-def export_standard_parts(
-    pipe: Any, root: Path, opts: ExportOptions, family: mf.ModelFamily | None = None
-) -> dict[str, int]:
+def export_standard_parts(pipe: Any, root: Path, opts: ExportOptions, family: mf.ModelFamily) -> dict[str, int]:
     """Text encoder(s) and VAE decoder through optimum's exporter, in its folder layout.
 
     optimum works offline on an in-memory pipeline, so the parts that T-GATE leaves untouched get the
@@ -213,7 +206,6 @@ def export_standard_parts(
     from optimum.exporters.onnx.convert import export_models
     from optimum.exporters.utils import get_diffusion_models_for_export
 
-    family = family or detect_family(pipe)
     upcast = vae_upcast(pipe, family, opts)
     models = get_diffusion_models_for_export(pipe, int_dtype="int64", float_dtype=opts.dtype)
     batches = [({k: models[k] for k in text_encoder_keys(family)}, opts.dtype)]

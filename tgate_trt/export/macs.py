@@ -184,7 +184,7 @@ class Architecture:
 
 def _configs(model: str) -> dict[str, Any]:
     """Configs of ``unet``, ``vae``, ``text_encoder``(``_2``) and ``scheduler``: a preset's, or a diffusers folder's."""
-    from .models import ARCHITECTURES, PRESETS
+    from ..families import ARCHITECTURES, PRESETS
 
     if model in ARCHITECTURES:
         arch = ARCHITECTURES[model]
@@ -217,7 +217,7 @@ def build_architecture(model: str) -> Architecture:
     from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from .families import detect_family, make_scheduler
+    from ..families import detect_family, make_scheduler
 
     cfg = _configs(model)
 

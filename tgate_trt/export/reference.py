@@ -13,11 +13,11 @@ from typing import Any
 import torch
 
 from .. import manifest as mf
+from ..families import detect_family
 from ..manifest import check_gate
 from ..methods.plan import KINDS, Step, TGateParams, family_plan
 from ..methods.sampler import denoise
 from ..methods.variants import PREGATE, GraphVariant, cache_tensor, schedule_of, variants_for
-from .families import detect_family
 from .tgate import VariantUNet, attention_modules, remove_tgate
 
 
@@ -116,7 +116,7 @@ def tgate_reference(
     """Run T-GATE through the same variant modules that are exported, on the one sampler loop.
 
     ``params`` (default V1 at ``gate_step``) may be V2's: self-attention cached and replayed on the
-    authors' schedule too. ``family`` defaults to the one the pipeline implies.
+    authors' schedule too. ``family`` defaults to the one the pipeline implies (detected here, once).
     """
     params = params or TGateParams.v1(gate_step)
     check_gate(num_inference_steps, params.gate_step)

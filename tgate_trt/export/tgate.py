@@ -16,6 +16,7 @@ from diffusers.models.attention_processor import Attention, AttnProcessor2_0
 
 from .. import manifest as mf
 from ..contract.errors import UsageError
+from ..families import detect_family, guidance_embedding
 from ..methods.plan import KINDS, MEAN
 from ..methods.variants import GraphVariant, cache_tensor, variants_for
 
@@ -133,18 +134,6 @@ def _bind(names: list[str], args: tuple[Any, ...], kwargs: dict[str, Any]) -> di
     return bound
 
 
-def _family(unet: Any, family: mf.ModelFamily | None) -> mf.ModelFamily:
-    """The family given, or the one the UNet's config alone implies (LCM-LoRA needs it given)."""
-    if family is not None:
-        return family
-    cfg = unet.config
-    sdxl = cfg.get("addition_embed_type") == "text_time"
-    embedding = cfg.get("time_cond_proj_dim")
-    if embedding is not None:
-        return mf.ModelFamily("lcm-sdxl" if sdxl else "lcm", False, sdxl, embedding)
-    return mf.ModelFamily("sdxl" if sdxl else "sd", True, sdxl)
-
-
 class VariantUNet(torch.nn.Module):
     """The UNet as one graph variant: CFG inside or not, each attention kind computed, captured (as an
     output: the CFG mean or the whole batch) or replayed (from an input), per the variant's declaration.
@@ -156,10 +145,9 @@ class VariantUNet(torch.nn.Module):
     added conditioning and LCM's guidance embedding still feed the time embedding, so they stay inputs.
     """
 
-    def __init__(self, unet: Any, variant: GraphVariant, family: mf.ModelFamily | None = None) -> None:
+    def __init__(self, unet: Any, variant: GraphVariant, family: mf.ModelFamily) -> None:
         super().__init__()
-        self.unet, self.variant = unet, variant
-        self.family = _family(unet, family)
+        self.unet, self.variant, self.family = unet, variant, family
         # every kind gets its processors: variants share the UNet, so each call sets every kind's mode
         self.kinds = {kind: install_tgate(unet, kind) for kind in KINDS}  # kind -> (state, module names)
         self.conditioning = mf.conditioning_inputs(self.family, cfg=variant.cfg, text=variant.reads_text)
@@ -186,8 +174,6 @@ class VariantUNet(torch.nn.Module):
 
     def _extra(self, x: dict[str, torch.Tensor], batch: int, dtype: torch.dtype) -> dict[str, Any]:
         """``timestep_cond`` (LCM's guidance embedding) and ``added_cond_kwargs`` (SDXL), or nothing."""
-        from .families import guidance_embedding
-
         extra: dict[str, Any] = {}
         if self.family.guidance_embedding is not None:
             extra["timestep_cond"] = guidance_embedding(
@@ -242,10 +228,11 @@ class VariantUNet(torch.nn.Module):
 
 
 class PreGateUNet(VariantUNet):
-    """V1's graph for steps before the gate: every attn2 output (CFG mean, or as-is without CFG) is an output."""
+    """V1's graph for steps before the gate: every attn2 output (CFG mean, or as-is without CFG) is an output.
+    ``family`` defaults to what the UNet's config alone says (:func:`~tgate_trt.families.detect_family`)."""
 
     def __init__(self, unet: Any, family: mf.ModelFamily | None = None) -> None:
-        family = _family(unet, family)
+        family = family or detect_family(unet)
         super().__init__(unet, variants_for("v1", family.cfg)[0], family)
 
 
@@ -253,5 +240,5 @@ class PostGateUNet(VariantUNet):
     """V1's graph for steps after the gate: no text states, every attn2 replays its cache, batch ``B``."""
 
     def __init__(self, unet: Any, family: mf.ModelFamily | None = None) -> None:
-        family = _family(unet, family)
+        family = family or detect_family(unet)
         super().__init__(unet, variants_for("v1", family.cfg)[1], family)

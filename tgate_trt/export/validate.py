@@ -16,7 +16,6 @@ import torch
 
 from .. import manifest as mf
 from ..methods.variants import GraphVariant, variants_for
-from .families import detect_family
 from .graphs import ExportOptions, text_encoder_keys, unet_example, vae_upcast, variant_feeds, variant_modules
 
 # Tolerance on max |ort - torch|: atol + rtol * max |torch| (same dtype on both sides).
@@ -96,12 +95,11 @@ def validate_export(
     pipe: Any,
     root: Path,
     opts: ExportOptions,
+    family: mf.ModelFamily,
     progress: Callable[[str], None] | None = None,
-    family: mf.ModelFamily | None = None,
     variants: tuple[GraphVariant, ...] | None = None,
 ) -> list[Check]:
-    """Run every graph in ORT and PyTorch; returns one :class:`Check` per graph and case."""
-    family = family or detect_family(pipe)
+    """Run every graph of ``family``'s export in ORT and PyTorch; returns one :class:`Check` per graph and case."""
     multiple = pipe.vae_scale_factor * 2 ** (len(pipe.unet.config.block_out_channels) - 1)
     cases = [
         ("batch 2", 2, opts.height, opts.width),

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from .. import manifest as mf
 from ..contract import limits
 from ..contract.errors import UsageError
+from ..families import family_spec
 
 KINDS = ("attn1", "attn2")  # self-attention, cross-attention
 FULL, MEAN = "full", "mean"  # cache layouts: the call's whole batch, or the mean of the CFG halves
@@ -130,9 +131,9 @@ def plan(
 
 def family_plan(steps: int, params: TGateParams, family: mf.ModelFamily, scheduler_order: int = 1,
                 num_timesteps: int | None = None) -> list[Step]:
-    """:func:`plan` with a model family's loop rules: CFG or guidance-free, and the SDXL loaders' clamped
-    warm-up offset (the SD loader does not clamp)."""
-    clamp = family.family in ("sdxl", "lcm-sdxl")
+    """:func:`plan` with a model family's loop rules: CFG or guidance-free, and whether the family's loader
+    clamps the warm-up offset (:attr:`~tgate_trt.families.FamilySpec.clamp_warmup`: SDXL's, not SD's)."""
+    clamp = family_spec(family).clamp_warmup
     return plan(steps, params, family.cfg, scheduler_order, num_timesteps, clamp)
 
 

@@ -59,7 +59,7 @@ def torch_variant(kind: str, args: argparse.Namespace) -> Callable[[], dict[str,
     """One timed run of variant ``kind`` (a, b, b16, b-v2 or b16-v2) per call, with per-stage times."""
     import torch
 
-    from ..export.models import resolve_model
+    from ..families import resolve_model
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     pipe = resolve_model(args.model, args.random_weights).pipe

@@ -86,7 +86,7 @@ def export_pipeline(model: str, random_weights: bool, folder: Path) -> Path:
     check_keep_folder(folder, "the OpenVINO pipeline's folder")
     from optimum.intel import OVStableDiffusionPipeline
 
-    from ..export.models import resolve_model
+    from ..families import resolve_model
 
     with OutputDir(folder) as tmp:  # the diffusers copy is staged inside: a killed run's is removed with it
         src = tmp / ".source"
@@ -109,7 +109,7 @@ def load_pipeline(
     """The pipeline in ``folder`` with our export's scheduler, static at batch 1 and ``height`` x ``width``."""
     from optimum.intel import OVStableDiffusionPipeline
 
-    from .pipeline import default_scheduler, make_scheduler
+    from ..families import make_scheduler
 
     if precision not in PRECISIONS:
         raise UsageError(f"precision must be one of {', '.join(PRECISIONS)}, got {precision!r}")
@@ -121,7 +121,7 @@ def load_pipeline(
     ov_config = compile_config(precision, "CPU", threads)  # the settings our OpenVINO engines use
     pipe = OVStableDiffusionPipeline.from_pretrained(
         str(folder),  # a str: optimum-intel's check whether a folder is exported mishandles a Path
-        scheduler=make_scheduler(default_scheduler(config), config),
+        scheduler=make_scheduler(config),
         ov_config=ov_config,
         compile=False,
         local_files_only=True,

@@ -69,7 +69,7 @@ def plain_unet(model: str, random_weights: bool, folder: Path, opset: int = 18) 
     folder of an interrupted one is removed by the next), so nothing half-written looks finished.
     """
     from ..export.graphs import ExportOptions, export_plain_unet
-    from ..export.models import resolve_model
+    from ..families import resolve_model
 
     source = {"model": model, "random_weights": random_weights, "opset": opset}
     target = folder / mf.UNET / "model.onnx"
@@ -95,7 +95,7 @@ def load_pipeline(export: Path, unet: Path, threads: int = 0) -> Any:
     from optimum.onnxruntime import ORTStableDiffusionPipeline
     from transformers import CLIPTokenizer
 
-    from .pipeline import default_scheduler, make_scheduler
+    from ..families import make_scheduler
 
     manifest = mf.Manifest.load(export, verify=True)
     check_export(manifest)
@@ -112,7 +112,7 @@ def load_pipeline(export: Path, unet: Path, threads: int = 0) -> Any:
         unet_session=session(unet),
         text_encoder_session=session(export / manifest.graphs[mf.TEXT_ENCODER].file),
         vae_decoder_session=session(export / manifest.graphs[mf.VAE_DECODER].file),
-        scheduler=make_scheduler(default_scheduler(config), config),
+        scheduler=make_scheduler(config),
         tokenizer=CLIPTokenizer.from_pretrained(str(export / manifest.text["tokenizer"])),
     )
 

@@ -19,37 +19,15 @@ import torch
 from .. import manifest as mf
 from ..contract import limits
 from ..contract.errors import UsageError
+from ..families import SCHEDULERS, make_scheduler
 from ..methods.plan import Step, TGateParams, family_plan
 from ..methods.sampler import denoise
 from ..methods.variants import GraphVariant, select
 from .conditioning import TextConditioner, check_sizes
 from .engine import Engine, OrtEngine
 
-SCHEDULERS = ("ddim", "euler", "dpm++", "lcm")
-# The export's own scheduler class, when it is one of ours, is the default (SDXL: Euler, LCM: LCM).
-_SCHEDULER_NAMES = {
-    "DDIMScheduler": "ddim",
-    "EulerDiscreteScheduler": "euler",
-    "DPMSolverMultistepScheduler": "dpm++",
-    "LCMScheduler": "lcm",
-}
 BACKENDS = ("ort", "openvino", "trt")
 MAX_STEPS = mf.MAX_STEPS
-
-
-def make_scheduler(name: str, config: dict[str, Any]) -> Any:
-    """A fresh scheduler per run (schedulers keep step state), from the export's config."""
-    from diffusers import DDIMScheduler, DPMSolverMultistepScheduler, EulerDiscreteScheduler, LCMScheduler
-
-    if name == "lcm":
-        return LCMScheduler.from_config(config)
-    if name == "ddim":
-        return DDIMScheduler.from_config(config)
-    if name == "euler":
-        return EulerDiscreteScheduler.from_config(config)
-    if name == "dpm++":
-        return DPMSolverMultistepScheduler.from_config(config, algorithm_type="dpmsolver++")
-    raise UsageError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {name!r}")
 
 
 @dataclass
@@ -59,11 +37,6 @@ class Result:
     timings: dict[str, float]  # seconds per stage
     calls: dict[str, int] = field(default_factory=dict)  # engine invocations this run
     truncated: dict[int, int] = field(default_factory=dict)  # prompt index -> its tokens, where past the window
-
-
-def default_scheduler(config: dict[str, Any]) -> str:
-    """The export's scheduler when we support its class, else DDIM (e.g. SD-1.5's PNDM)."""
-    return _SCHEDULER_NAMES.get(str(config.get("_class_name")), "ddim")
 
 
 def _step_kwargs(sched: Any, generator: torch.Generator) -> dict[str, Any]:
@@ -271,7 +244,7 @@ class TGatePipeline:
         if scheduler is not None and scheduler not in SCHEDULERS:
             raise UsageError(f"scheduler must be one of {', '.join(SCHEDULERS)}, got {scheduler!r}")
         seed = limits.check_seed(0 if seed is None else seed)
-        sched = make_scheduler(scheduler or default_scheduler(self.scheduler_config), self.scheduler_config)
+        sched = make_scheduler(self.scheduler_config, scheduler)  # a fresh one per run: schedulers keep step state
         plan = self.plan(num_inference_steps, self.params(gate_step, sp_interval, fi_interval, warm_up), sched)
         if generator is None:
             generator = torch.Generator().manual_seed(seed)

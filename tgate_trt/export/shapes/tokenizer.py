@@ -8,10 +8,11 @@ result is an ordinary ``CLIPTokenizer`` that the export and runtime load like SD
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from pathlib import Path
 from typing import Any
+
+from ...families import clip_tokenizer
 
 MAX_LENGTH = 16  # longest caption is 8 tokens with start/end
 
@@ -40,23 +41,7 @@ def learn_merges(words: list[str]) -> list[tuple[str, str]]:
     return merges
 
 
-def write_word_tokenizer(folder: Path, words: list[str]) -> Path:
-    """Write vocab.json, merges.txt and the tokenizer config into ``folder``."""
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
-
-    merges = learn_merges(words)
-    chars = list(bytes_to_unicode().values())
-    vocab: dict[str, int] = {"<|startoftext|>": 0, "<|endoftext|>": 1}
-    for token in chars + [c + "</w>" for c in chars] + [a + b for a, b in merges]:
-        vocab.setdefault(token, len(vocab))
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "vocab.json").write_text(json.dumps(vocab, indent=0))
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in merges))
-    return folder
-
-
 def word_tokenizer(folder: Path, words: list[str]) -> Any:
-    from transformers import CLIPTokenizer
-
-    write_word_tokenizer(folder, words)
-    return CLIPTokenizer(str(folder / "vocab.json"), str(folder / "merges.txt"), model_max_length=MAX_LENGTH)
+    """The shapes tokenizer, written into ``folder``: CLIP's byte characters plus the merges that make each
+    of ``words`` one token (:func:`~tgate_trt.families.clip_tokenizer`, the project's one tokenizer builder)."""
+    return clip_tokenizer(folder, learn_merges(words), max_length=MAX_LENGTH)

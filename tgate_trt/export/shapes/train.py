@@ -30,7 +30,7 @@ from ...contract import limits
 from ...contract.cli import Parser, command
 from ...contract.errors import OutputError, UsageError
 from ...contract.files import MARKER, OutputDir, atomic_save, atomic_write_json, is_ours
-from ..models import SD_SCHEDULER
+from ...families import SD_SCHEDULER, make_scheduler
 from . import WEIGHTS, WEIGHTS_RECORD, data
 from .tokenizer import MAX_LENGTH, word_tokenizer
 
@@ -405,7 +405,7 @@ def train(
     ``out`` may replace an earlier training output only with ``force``, the package's shipped weights
     only with ``overwrite_shipped``; anything else in the way is refused before training starts.
     """
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
+    from diffusers import StableDiffusionPipeline
 
     from . import record_hashes
 
@@ -424,7 +424,7 @@ def train(
             text_encoder=text_encoder,
             tokenizer=tokenizer,
             unet=unet.eval(),
-            scheduler=DDIMScheduler.from_config(SCHEDULER_CONFIG),
+            scheduler=make_scheduler(SCHEDULER_CONFIG, "ddim"),
             safety_checker=None,
             feature_extractor=None,
             requires_safety_checker=False,
