@@ -39,12 +39,20 @@ def torch_counts(preset: str) -> dict[str, int]:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--preset", default="sd15")
-    ap.add_argument("--out", type=Path, default=Path("exports/sd15-random"))
-    ap.add_argument("--height", type=int, default=256)
-    ap.add_argument("--width", type=int, default=256)
-    ap.add_argument("--dtype", default="fp32")
-    ap.add_argument("--json", type=Path, default=Path("benchmarks/export_sd15_random.json"))
+    ap.add_argument("--preset", default="sd15", help="architecture, built with random weights (default: sd15)")
+    ap.add_argument(
+        "--out", type=Path, default=Path("out/sd15-random"), help="export folder (default: out/sd15-random)"
+    )
+    ap.add_argument("--height", type=int, default=256, help="export size (default: 256)")
+    ap.add_argument("--width", type=int, default=256, help="export size (default: 256)")
+    ap.add_argument("--dtype", default="fp32", help="fp32 or fp16 (default: fp32)")
+    ap.add_argument(
+        "--json",
+        type=Path,
+        default=Path("out/export_sd15_random.json"),
+        help="the record (default: out/export_sd15_random.json; the published one is "
+        "benchmarks/export_sd15_random.json)",
+    )
     args = ap.parse_args()
     args.out.parent.mkdir(parents=True, exist_ok=True)
     counts = torch_counts(args.preset)

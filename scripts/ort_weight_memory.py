@@ -82,7 +82,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("model", type=Path, help="an exported graph, e.g. EXPORT/unet_pregate/model.onnx")
     parser.add_argument("--mode", choices=MODES, help=argparse.SUPPRESS)
-    parser.add_argument("--json", type=Path, help="also write the rows here")
+    parser.add_argument("--json", type=Path, help="also write the rows here (default: none)")
     args = parser.parse_args()
     if not args.model.is_file():
         parser.error(f"{args.model} is not a file; pass EXPORT/unet_pregate/model.onnx")

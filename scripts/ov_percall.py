@@ -22,10 +22,10 @@ from tgate_trt.export.onnx_io import random_feeds
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("export", type=Path, help="an export with an OpenVINO build (tgate-build --target openvino)")
-    ap.add_argument("--build", default="openvino", help="OpenVINO build folder inside the export")
-    ap.add_argument("--height", type=int, default=256)
-    ap.add_argument("--width", type=int, default=256)
-    ap.add_argument("--calls", type=int, default=5)
+    ap.add_argument("--build", default="openvino", help="OpenVINO build folder inside the export (default: openvino)")
+    ap.add_argument("--height", type=int, default=256, help="image height (default: 256)")
+    ap.add_argument("--width", type=int, default=256, help="image width (default: 256)")
+    ap.add_argument("--calls", type=int, default=5, help="timed calls per graph (default: 5)")
     ap.add_argument("--out", type=Path, required=True, help="folder for percall.json and percall.png")
     args = ap.parse_args()
     import onnxruntime as ort

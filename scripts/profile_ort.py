@@ -56,13 +56,22 @@ def fused_copy(src: Path, dst: Path) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("export", type=Path)
-    ap.add_argument("--height", type=int, default=256)
-    ap.add_argument("--width", type=int, default=256)
-    ap.add_argument("--runs", type=int, default=3)
-    ap.add_argument("--threads", default="0,1,2", help="intra-op thread counts (0: ORT default)")
-    ap.add_argument("--levels", default="basic,all", help="basic, extended, all, fused (all + ORT UNet fusions)")
-    ap.add_argument("--json", type=Path, default=Path("benchmarks/profile_ort.json"))
+    ap.add_argument("export", type=Path, help="an fp32 tgate-export folder")
+    ap.add_argument("--height", type=int, default=256, help="image height (default: 256)")
+    ap.add_argument("--width", type=int, default=256, help="image width (default: 256)")
+    ap.add_argument("--runs", type=int, default=3, help="timed runs per setting, median kept (default: 3)")
+    ap.add_argument("--threads", default="0,1,2", help="intra-op thread counts (0: ORT default; default: 0,1,2)")
+    ap.add_argument(
+        "--levels",
+        default="basic,all",
+        help="basic, extended, all, fused (all + ORT UNet fusions); default: basic,all",
+    )
+    ap.add_argument(
+        "--json",
+        type=Path,
+        default=Path("out/profile_ort.json"),
+        help="the rows (default: out/profile_ort.json; the published one is benchmarks/profile_ort.json)",
+    )
     args = ap.parse_args()
     m = mf.Manifest.load(args.export, verify=False)
     lat_h, lat_w = m.latent_size(args.height, args.width)

@@ -63,25 +63,30 @@ def generate(client: Any, module: Any, model: str, prompt: str, **params: Any) -
     return np.asarray(result.as_numpy("image"), dtype=np.uint8)
 
 
+DEFAULT_OUT = Path("out", "image.png")  # in the current folder, never a tracked file
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("prompt")
+    p.add_argument("prompt", help="what to draw")
     p.add_argument("--url", default=None, help="host:port (default 127.0.0.1:8000 for HTTP, :8001 for gRPC)")
-    p.add_argument("--protocol", default="http", choices=("http", "grpc"))
-    p.add_argument("--model", default="sd15_tgate")
-    p.add_argument("--negative", default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--gate", type=int, default=None)
-    p.add_argument("--guidance", type=float, default=None)
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--protocol", default="http", choices=("http", "grpc"), help="default: http")
+    p.add_argument("--model", default="sd15_tgate", help="model name in the repository (default: sd15_tgate)")
+    p.add_argument("--negative", default=None, help="negative prompt (default: none)")
+    p.add_argument("--seed", type=int, default=None, help="noise seed (default: the model's)")
+    p.add_argument("--steps", type=int, default=None, help="denoising steps (default: the model's)")
+    p.add_argument("--gate", type=int, default=None, help="gate step (default: the model's)")
+    p.add_argument("--guidance", type=float, default=None, help="guidance scale (default: the model's)")
+    p.add_argument("--height", type=int, default=None, help="image height (default: the model's)")
+    p.add_argument("--width", type=int, default=None, help="image width (default: the model's)")
     p.add_argument(
         "--sp-interval", type=int, default=None, help="T-GATE V2: self-attention every N steps before the gate"
     )
-    p.add_argument("--fi-interval", type=int, default=None, help="T-GATE V2: ... and after it")
-    p.add_argument("--warm-up", type=int, default=None, help="T-GATE V2: steps before self-attention caching")
-    p.add_argument("--out", type=Path, default=Path("image.png"))
+    p.add_argument("--fi-interval", type=int, default=None, help="T-GATE V2: ... and after it (default: the model's)")
+    p.add_argument(
+        "--warm-up", type=int, default=None, help="T-GATE V2: steps before attention caching (default: the model's)"
+    )
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT, help=f"PNG path (default: {DEFAULT_OUT}, folder made)")
     args = p.parse_args(argv)
     module = client_module(args.protocol)
     url = args.url or ("127.0.0.1:8000" if args.protocol == "http" else "127.0.0.1:8001")
@@ -109,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     from PIL import Image
 
+    if args.out == DEFAULT_OUT:
+        DEFAULT_OUT.parent.mkdir(exist_ok=True)
     tmp = args.out.with_name(f".{args.out.name}.tmp")
     Image.fromarray(image).save(tmp, format="PNG")
     tmp.replace(args.out)

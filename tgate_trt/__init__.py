@@ -1,18 +1,10 @@
 """tgate-trt: T-GATE (arXiv 2404.02747) compiled into deployable graphs, engines, a runtime and Triton."""
 
-import logging
 from typing import Any
 
+from .contract import quiet
 
-class _OptimumNamespaceNotice(logging.Filter):
-    """Drop diffusers' import-time warning that several distributions (optimum, optimum-onnx, optimum-intel)
-    provide the ``optimum`` namespace: they are meant to, and it shows on every command otherwise."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "Multiple distributions found for package optimum." not in record.getMessage()
-
-
-logging.getLogger("diffusers.utils.import_utils").addFilter(_OptimumNamespaceNotice())
+quiet.install()  # third-party notices hidden before diffusers or optimum is imported (--verbose shows them)
 
 
 def load_pipeline(name: str, random_weights: bool = False) -> Any:

@@ -311,6 +311,24 @@ class Manifest:
         """The export's pixel cap per image (a memory budget), overridable at load."""
         return int(self.defaults["max_pixels"])
 
+    @property
+    def native_size(self) -> tuple[int, int] | None:
+        """The only size (height, width) the model draws, for a model trained at one size (``shapes``);
+        None when any size the graphs take is fine."""
+        size = self.defaults.get("native_size")
+        return None if size is None else (int(size[0]), int(size[1]))
+
+    def check_native_size(self, height: int, width: int) -> None:
+        """Refuse another size for a model that draws only at its native size (graphs would take it, but
+        the images are wrong: ``shapes`` at 96x96 draws two shapes)."""
+        native = self.native_size
+        if native is not None and (height, width) != native:
+            model = self.source.get("model", "this export's model")
+            raise UsageError(
+                f"{model} draws only at its native size {native[0]}x{native[1]} (it was trained at that size), "
+                f"got {height}x{width}: leave --height and --width unset"
+            )
+
     def latent_size(self, height: int, width: int, max_pixels: int | None = None) -> tuple[int, int]:
         """Latent size for an image size, or a UsageError saying which sizes the graphs accept."""
         cap = self.max_pixels if max_pixels is None else max_pixels

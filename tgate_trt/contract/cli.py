@@ -1,7 +1,8 @@
-"""CLI plumbing shared by every command: one-line errors, ``--debug``, signals that clean up.
+"""CLI plumbing shared by every command: one-line errors, ``--debug``, ``--verbose``, signals that clean up.
 
 A user error (:class:`UserError`, or a bad argument) prints one line, ``prog: error: ...``, on stderr
-and exits 2; ``--debug`` adds the traceback. Anything else is a bug and raises as usual. SIGTERM and
+and exits 2; ``--debug`` adds the traceback. ``--verbose`` shows the third-party notices hidden by
+default (:mod:`.quiet`). Anything else is a bug and raises as usual. SIGTERM and
 SIGHUP raise ``SystemExit`` so temp files and folders are removed on the way out, as on Ctrl-C.
 """
 
@@ -17,6 +18,7 @@ from collections.abc import Callable, Sequence
 from types import FrameType
 from typing import Any, NoReturn
 
+from . import quiet
 from .errors import UserError, one_line
 
 Main = Callable[..., int]
@@ -33,12 +35,25 @@ class _Help(argparse.HelpFormatter):
 
 
 class Parser(argparse.ArgumentParser):
-    """argparse with a one-line error and ``--debug``; defaults shown in every option's help."""
+    """argparse with a one-line error, ``--debug`` and ``--verbose``; defaults shown in every option's help."""
 
     def __init__(self, *args: object, **kwargs: object) -> None:
         kwargs.setdefault("formatter_class", _Help)
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+        self.add_argument(
+            "--verbose",
+            action="store_true",
+            help="show the third-party warnings and log messages hidden by default (for debugging)",
+        )
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        parsed, rest = super().parse_known_args(args, namespace)
+        if getattr(parsed, "verbose", False):
+            quiet.verbose()
+        return parsed, rest
 
     def error(self, message: str) -> NoReturn:
         print(f"{self.prog}: error: {one_line(message)} (see {self.prog} --help)", file=sys.stderr)

@@ -80,8 +80,11 @@ def atomic_write_json(path: str | os.PathLike[str], data: Any, indent: int | Non
     return atomic_write_text(path, json.dumps(data, indent=indent, allow_nan=False) + "\n")
 
 
-def check_output_file(path: str | os.PathLike[str], suffixes: Iterable[str] = (), option: str = "--out") -> Path:
-    """A file the command will write: right suffix, not a folder, in an existing writable folder."""
+def check_output_file(
+    path: str | os.PathLike[str], suffixes: Iterable[str] = (), option: str = "--out", create: bool = False
+) -> Path:
+    """A file the command will write: right suffix, not a folder, in an existing writable folder (or, with
+    ``create``, one that can be made: the writer makes it)."""
     path = Path(path)
     allowed = tuple(suffixes)
     if path.is_dir():
@@ -90,7 +93,7 @@ def check_output_file(path: str | os.PathLike[str], suffixes: Iterable[str] = ()
         )
     if allowed and path.suffix.lower() not in allowed:
         raise OutputError(f"{option} must be a {' or '.join(allowed)} path, got {path}")
-    _check_parent(path.resolve() if path.is_symlink() else path, option, create=False)
+    _check_parent(path.resolve() if path.is_symlink() else path, option, create=create)
     if path.exists() and not os.access(path, os.W_OK):
         raise OutputError(f"{option} {path} exists and is read-only: choose another path")
     return path

@@ -88,6 +88,8 @@ class _Defaults(TypedDict):
     sp_interval: int
     fi_interval: int
     warm_up: int
+    # [height, width]: the only size the model draws (trained at one size, e.g. shapes at 64x64)
+    native_size: NotRequired[tuple[_Positive, _Positive]]
 
 
 @with_config(_OPEN)

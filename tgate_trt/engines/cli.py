@@ -71,7 +71,12 @@ def build_parser() -> Parser:
     trt.add_argument("--timing-cache", type=Path, default=None, help="timing cache file, read and updated")
     trt.add_argument("--opt-level", type=int, default=3, help="builder optimization level 0..5")
     trt.add_argument("--workspace-gib", type=float, default=None, help="workspace memory limit in GiB")
-    trt.add_argument("--hardware-compat", default="none", choices=tuple(HARDWARE_COMPAT))
+    trt.add_argument(
+        "--hardware-compat",
+        default="none",
+        choices=tuple(HARDWARE_COMPAT),
+        help="none: plans for this GPU's architecture; ampere+: plans that run on any Ampere or later GPU",
+    )
     trt.add_argument(
         "--version-compatible", action="store_true", help="plans for later TensorRT (lean runtime)"
     )

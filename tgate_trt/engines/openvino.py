@@ -22,6 +22,7 @@ import numpy as np
 from .. import manifest as mf
 from ..contract.errors import UserError
 from ..contract.files import OutputDir, writer_lock
+from ..contract.quiet import ort_log_level
 from ..export.onnx_io import relative_error
 from ..methods.variants import GraphVariant, source_of
 
@@ -191,7 +192,7 @@ def _ort_outputs(path: Path, feeds: dict[str, np.ndarray], names: list[str]) -> 
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = ort_log_level()  # errors only; warnings too with --verbose
     session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     return list(session.run(names, feeds))
 

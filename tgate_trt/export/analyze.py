@@ -222,7 +222,7 @@ def build_parser() -> Parser:
     p.add_argument("--gate", type=int, help="gate step to mark on the plot (default: the suggestion)")
     p.add_argument("--threshold", type=float, default=0.05, help="mean relative change counted as converged")
     p.add_argument("--seed", type=int, default=0, help="prompt j uses seed + j")
-    p.add_argument("--guidance-scale", type=float, default=7.5)
+    p.add_argument("--guidance-scale", type=float, default=7.5, help="CFG guidance scale of the plain run")
     p.add_argument("--height", type=int, help="image height (default: the model's)")
     p.add_argument("--width", type=int, help="image width (default: the model's)")
     p.add_argument(
@@ -230,7 +230,7 @@ def build_parser() -> Parser:
     )
     p.add_argument("--batch-size", type=int, default=4, help=f"prompts per UNet batch, 1..{limits.MAX_BATCH}")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--out", required=True, type=Path, help=f"folder for {JSON_NAME} and {PNG_NAME}")
+    p.add_argument("--out", type=Path, default=Path("out/analyze"), help=f"folder for {JSON_NAME} and {PNG_NAME}")
     p.add_argument("--force", action="store_true", help=f"replace the {JSON_NAME} and {PNG_NAME} of an earlier run")
     return p
 
@@ -304,9 +304,11 @@ def main(argv: Sequence[str]) -> int:
     _preset_size(args)
     from tqdm import tqdm
 
-    from ..families import resolve_model
+    from ..families import PRESETS, resolve_model
 
     with report as stage:  # locked for the run; both files appear together at the end
+        if PRESETS.get(args.model) or model_path.exists() or args.model.count("/") == 1:  # full size: ~25 s
+            print(f"tgate-analyze: loading {args.model}...", file=sys.stderr, flush=True)
         source = resolve_model(args.model, args.random_weights, args.config)
         pipe = source.pipe
         unet, vae = dict(pipe.unet.config), dict(pipe.vae.config)

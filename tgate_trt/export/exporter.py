@@ -101,6 +101,20 @@ def check_request(req: ExportRequest) -> None:
     if arch is not None:
         _check_size(req, _multiple(arch["unet"], arch["vae"]))
         _check_pixels(req, arch["unet"]["sample_size"] * 2 ** (len(arch["vae"]["block_out_channels"]) - 1))
+    if req.model == "shapes":
+        from .shapes import DEFAULTS as SHAPES_DEFAULTS
+
+        _check_native(req, SHAPES_DEFAULTS["native_size"])
+
+
+def _check_native(req: ExportRequest, native: list[int]) -> None:
+    """A model that draws only at its native size (recorded as ``defaults.native_size``) is exported at it."""
+    height, width = native
+    if (req.height or height, req.width or width) != (height, width):
+        raise ExportError(
+            f"{req.model} draws only at its native size {height}x{width} (it was trained at that size), got "
+            f"--height {req.height or height} --width {req.width or width}: leave them unset"
+        )
 
 
 def _check_model(req: ExportRequest) -> None:

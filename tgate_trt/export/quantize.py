@@ -26,6 +26,7 @@ from ..contract import limits
 from ..contract.cli import Parser, command
 from ..contract.errors import UserError
 from ..contract.files import OutputDir
+from ..contract.quiet import ort_log_level
 from .onnx_io import ScratchDir, describe, finalize, random_feeds, relative_error
 
 QUANTIZED_OPS = ("MatMul",)
@@ -87,7 +88,7 @@ def relative_errors(manifest: mf.Manifest, src: Path, quantized: Path, key: str)
     lat_h, lat_w = manifest.latent_size(int(manifest.defaults["height"]), int(manifest.defaults["width"]))
     feeds = random_feeds(manifest, key, lat_h, lat_w)
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = ort_log_level()  # errors only; warnings too with --verbose
     outputs = []
     for root in (src, quantized):
         session = ort.InferenceSession(str(root / manifest.graphs[key].file), opts, providers=["CPUExecutionProvider"])

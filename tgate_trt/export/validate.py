@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .. import manifest as mf
+from ..contract.quiet import ort_log_level
 from ..methods.variants import GraphVariant, variants_for
 from .graphs import ExportOptions, text_encoder_keys, unet_example, vae_upcast, variant_feeds, variant_modules
 
@@ -42,7 +43,7 @@ def _session(path: Path) -> Any:
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = ort_log_level()  # errors only; warnings too with --verbose
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 

@@ -279,7 +279,9 @@ def choose_variants(args: argparse.Namespace) -> list[str]:
 
 def build_parser() -> Parser:
     ap = Parser(prog="tgate-bench", description=__doc__.splitlines()[0])
-    ap.add_argument("--model", default="sd15")
+    ap.add_argument(
+        "--model", default="sd15", help="the model --export was made from (preset, diffusers folder or hub id)"
+    )
     ap.add_argument(
         "--random-weights",
         action=argparse.BooleanOptionalAction,
@@ -287,15 +289,15 @@ def build_parser() -> Parser:
         help="build the model's architecture with random weights (must match how --export was made)",
     )
     ap.add_argument("--export", type=Path, required=True, help="export folder of the same model (tgate-export)")
-    ap.add_argument("--prompt", default="a photograph of an astronaut riding a horse")
+    ap.add_argument("--prompt", default="a photograph of an astronaut riding a horse", help="prompt of every run")
     ap.add_argument("--steps", type=int, default=25, help=f"denoising steps, 1..{limits.MAX_STEPS}")
     ap.add_argument("--gate", type=int, default=10, help="gate step (>= --steps: no gating)")
-    ap.add_argument("--height", type=int, default=256)
-    ap.add_argument("--width", type=int, default=256)
+    ap.add_argument("--height", type=int, default=256, help="image height in pixels")
+    ap.add_argument("--width", type=int, default=256, help="image width in pixels")
     ap.add_argument(
         "--max-pixels", type=int, help="cap on height*width for our rows (default: the export's, 4x its native size)"
     )
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=int, default=0, help="noise seed of every run")
     ap.add_argument("--runs", type=int, default=3, help=f"timed runs per variant after a warm-up, 1..{MAX_RUNS}")
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: library default; OpenVINO: cores)")
     ap.add_argument(
@@ -342,7 +344,7 @@ def build_parser() -> Parser:
         "--mac-ratio", type=float, help="r = post/pre-gate MACs per step of V1, in (0, 1] (default: counted)"
     )
     ap.add_argument("--int8-export", type=Path, help="tgate-quantize copy of --export, for variant (q)")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/cpu"), help=f"folder for {', '.join(REPORT)}")
+    ap.add_argument("--out", type=Path, default=Path("out/bench"), help=f"folder for {', '.join(REPORT)}")
     ap.add_argument(
         "--force",
         action="store_true",

@@ -27,6 +27,8 @@ from .pipeline import (
     format_timings,
 )
 
+DEFAULT_OUT = Path("out", "image.png")  # out/ (made when missing) in the current folder: never a tracked file
+
 
 def build_parser() -> Parser:
     p = Parser(prog="tgate-run", description="Run the T-GATE pipeline on an export folder.")
@@ -76,7 +78,12 @@ def build_parser() -> Parser:
     )
     p.add_argument("--engines", default=None, help="OpenVINO build folder inside the export (default: openvino)")
     p.add_argument("--threads", type=int, default=0, help="intra-op threads (default: 0 = the backend's choice)")
-    p.add_argument("--out", type=Path, default=Path("image.png"), help="PNG path (index added for batch > 1)")
+    p.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help="PNG path (index added for batch > 1); an existing file is replaced, with a note",
+    )
     p.add_argument(
         "--save-latents",
         type=Path,
@@ -104,7 +111,7 @@ def main(argv: Sequence[str]) -> int:
     if args.max_pixels is not None:
         limits.check_int("--max-pixels", args.max_pixels, 1)
     for path in dict.fromkeys([args.out, *image_paths(args.out, args.batch)]):
-        check_output_file(path, (".png",))
+        check_output_file(path, (".png",), create=args.out == DEFAULT_OUT)
     if args.save_latents is not None:
         check_output_file(args.save_latents, (".npy",), "--save-latents")
     manifest = mf.Manifest.load(args.export_dir, verify=False)
@@ -127,6 +134,7 @@ def main(argv: Sequence[str]) -> int:
             "--sp-interval/--fi-interval/--warm-up cache self-attention, which this export (--schedule v1) "
             "can't: re-export with tgate-export --schedule v2, or leave them at 1/1/0"
         )
+    manifest.check_native_size(h, w)
     manifest.latent_size(h, w, args.max_pixels)
     prompts = [args.prompt] * args.batch
     negatives = None if args.negative is None else [args.negative] * args.batch
@@ -145,6 +153,9 @@ def main(argv: Sequence[str]) -> int:
             f"{pipe.conditioner.window}, the rest is ignored",
             file=sys.stderr,
         )
+    for path in image_paths(args.out, args.batch) + ([args.save_latents] if args.save_latents else []):
+        if path.exists():
+            print(f"tgate-run: note: {path} exists and will be replaced", file=sys.stderr)
     with tqdm(total=args.steps, desc="denoise", unit="step", file=sys.stderr) as bar:
         result = pipe(
             prompts,

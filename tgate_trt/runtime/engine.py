@@ -15,6 +15,7 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 
 from ..contract.errors import UsageError
+from ..contract.quiet import ort_log_level
 from ..manifest import GraphSpec
 
 
@@ -59,7 +60,7 @@ def session_options(threads: int = 0, cpu_arena: str = "session") -> Any:
     if cpu_arena not in CPU_ARENAS:
         raise UsageError(f"cpu_arena must be one of {', '.join(CPU_ARENAS)}, got {cpu_arena!r}")
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = ort_log_level()  # errors only; warnings too with --verbose
     if threads:
         opts.intra_op_num_threads = threads
     if cpu_arena == "shared":

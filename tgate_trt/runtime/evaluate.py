@@ -255,7 +255,7 @@ def build_parser() -> Parser:
     ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: the backend's choice)")
     ap.add_argument("--backend", default="ort", choices=("ort", "openvino"), help="runtime backend")
     ap.add_argument("--engines", default=None, help="with --backend openvino: build folder (default: openvino)")
-    ap.add_argument("--out", type=Path, default=Path("benchmarks/quality"), help=f"folder for {', '.join(REPORT)}")
+    ap.add_argument("--out", type=Path, default=Path("out/eval"), help=f"folder for {', '.join(REPORT)}")
     ap.add_argument(
         "--force",
         action="store_true",
@@ -322,6 +322,7 @@ def _pipeline(export: Path, schedule: str, args: argparse.Namespace) -> TGatePip
     if not (export / mf.MANIFEST_NAME).is_file():
         from ..export.exporter import ExportRequest, run_export
 
+        print(f"tgate-eval: exporting the shapes model to {export} (once: later runs reuse it)...", file=sys.stderr)
         run_export(ExportRequest("shapes", export, schedule=schedule))
     pipe = TGatePipeline.from_export(export, backend=args.backend, threads=args.threads, engines=args.engines)
     words = data.vocabulary()

@@ -19,6 +19,7 @@ from typing import Any
 from .. import manifest as mf
 from ..contract.errors import OutputError, UserError
 from ..contract.files import OutputDir
+from ..contract.quiet import ort_log_level
 
 SOURCE_NAME = "source.json"  # what the plain UNet was exported from, so a reused folder can be checked
 
@@ -100,7 +101,7 @@ def load_pipeline(export: Path, unet: Path, threads: int = 0) -> Any:
     manifest = mf.Manifest.load(export, verify=True)
     check_export(manifest)
     opts = ort.SessionOptions()
-    opts.log_severity_level = 3
+    opts.log_severity_level = ort_log_level()  # errors only; warnings too with --verbose
     if threads:
         opts.intra_op_num_threads = threads
 

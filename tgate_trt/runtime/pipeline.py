@@ -160,6 +160,7 @@ class TGatePipeline:
         check_token_counts(self.conditioner.token_counts(prompts))
         mf.check_gate(steps, gate_step)
         limits.check_guidance(guidance)
+        self.manifest.check_native_size(height, width)
         size = self.manifest.latent_size(height, width, self.max_pixels)
         self._check_static(len(prompts), height, width)
         return size

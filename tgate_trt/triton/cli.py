@@ -73,8 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--force", action="store_true", help="replace a model folder this tool wrote earlier")
     s = p.add_argument_group("server (with --serve)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on")
-    s.add_argument("--http-port", type=int, default=8000)
-    s.add_argument("--grpc-port", type=int, default=8001)
+    s.add_argument("--http-port", type=int, default=8000, help="Triton's HTTP/REST port")
+    s.add_argument("--grpc-port", type=int, default=8001, help="Triton's gRPC port")
     s.add_argument("--health-port", type=int, default=8003, help="the watchdog's /live and /ready probes (0: none)")
     s.add_argument(
         "--watchdog", type=float, default=2.0, metavar="SECONDS", help="seconds between health checks (0: no watchdog)"

@@ -12,12 +12,14 @@ from typing import Any
 
 from ...contract.errors import UserError
 from ...manifest import sha256_file
+from .data import SIZE
 
 WEIGHTS = Path(__file__).parent / "weights"
 WEIGHTS_RECORD = "weights.json"  # sha256 of every file, the command that trained it, timings
 # Run defaults recorded in the manifest of a shapes export. Guidance 7.5 (SD's) over-saturates this small
-# model; benchmarks/quality compares the two on the full prompt set.
-DEFAULTS = {"guidance_scale": 4.0}
+# model; benchmarks/quality compares the two on the full prompt set. It was trained at 64x64 only (data.SIZE)
+# and draws wrong images at other sizes (two shapes at 96x96): exports and runs take only its native size.
+DEFAULTS: dict[str, Any] = {"guidance_scale": 4.0, "native_size": [SIZE, SIZE]}
 
 
 class ShapesWeightsError(UserError, ValueError):
@@ -56,14 +58,23 @@ def load(folder: Path = WEIGHTS) -> Any:
     """The verified pipeline in float32 (the weights are stored in fp16 to keep the package small)."""
     import torch
     from diffusers import StableDiffusionPipeline
+    from diffusers.utils import logging as diffusers_logging
+
+    from ...contract import quiet
 
     verify(folder)
-    pipe = StableDiffusionPipeline.from_pretrained(
-        str(folder),
-        torch_dtype=torch.float32,
-        safety_checker=None,
-        requires_safety_checker=False,
-        local_files_only=True,
-    )
+    # No torch_dtype: diffusers passes it on to transformers, which says it is deprecated; the models load
+    # in float32 by default, and .to() below makes sure. The loading bar (a second) is shown with --verbose.
+    bars = diffusers_logging.is_progress_bar_enabled()
+    if not quiet.is_verbose():
+        diffusers_logging.disable_progress_bar()
+    try:
+        pipe = StableDiffusionPipeline.from_pretrained(
+            str(folder), safety_checker=None, requires_safety_checker=False, local_files_only=True
+        )
+    finally:
+        if bars:
+            diffusers_logging.enable_progress_bar()
+    pipe.to(torch.float32)
     pipe.set_progress_bar_config(disable=True)
     return pipe
