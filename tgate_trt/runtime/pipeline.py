@@ -107,6 +107,7 @@ class TGatePipeline:
         cache_dir: str | Path | None = None,
         static_shapes: bool = True,
         max_pixels: int | None = None,
+        cpu_arena: str = "session",
     ) -> TGatePipeline:
         """Load an export folder; every file is checked against its sha256 first.
 
@@ -114,7 +115,8 @@ class TGatePipeline:
         must be the one it was built for (default: that one), ``cache_dir`` keeps compiled models
         (default ``~/.cache/tgate-trt/openvino``; ``""`` disables), ``static_shapes`` compiles each graph for
         the shapes it is called with (faster per call; False keeps the graphs dynamic). ``max_pixels``
-        overrides the export's cap on pixels per image."""
+        overrides the export's cap on pixels per image; ``cpu_arena`` is ONNX Runtime's CPU memory arena
+        (``session``, ``shared`` or ``off``: :func:`~tgate_trt.runtime.engine.session_options`)."""
         from transformers import CLIPTokenizer
 
         if backend not in BACKENDS:
@@ -138,7 +140,7 @@ class TGatePipeline:
             loaded = dict(load_ov(root, manifest, engines or OV_DIR, device, threads, cache_dir, static_shapes))
         else:
             loaded = {
-                key: OrtEngine(key, root / spec.file, spec, providers, threads)
+                key: OrtEngine(key, root / spec.file, spec, providers, threads, cpu_arena)
                 for key, spec in manifest.graphs.items()
             }
         tokenizer = CLIPTokenizer.from_pretrained(str(root / manifest.text["tokenizer"]))
