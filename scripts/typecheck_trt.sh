@@ -10,9 +10,9 @@ SP=$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
 cp -r "$SP/tensorrt" "$SP/tensorrt_bindings" "$T/"
 sed -i -E 's/([(,] ?)in: /\1in_: /g; s/channel_axis: int\)/channel_axis: int = ...)/; /^bool: DataType/d' \
     "$T/tensorrt_bindings/tensorrt.pyi"
-# Only the TensorRT code is under check; the stubs and the export stage (reached through
+# Only the TensorRT code is under check; the stubs, the families and the export stage (reached through
 # `tgate-export --engines`, typed loosely by diffusers' lazy imports) are followed but not judged.
-printf '[mypy]\nignore_missing_imports = True\n[mypy-tensorrt,tensorrt.*,tensorrt_bindings,tensorrt_bindings.*,tgate_trt.export.*]\nignore_errors = True\n' \
+printf '[mypy]\nignore_missing_imports = True\n[mypy-tensorrt,tensorrt.*,tensorrt_bindings,tensorrt_bindings.*,tgate_trt.export.*,tgate_trt.families.*]\nignore_errors = True\n' \
     > "$T/mypy.ini"
 MYPYPATH=$T mypy --config-file "$T/mypy.ini" --disallow-untyped-defs --disallow-incomplete-defs \
     --check-untyped-defs --warn-unused-ignores --warn-redundant-casts \
