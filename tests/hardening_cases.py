@@ -214,7 +214,7 @@ def set_path(keys: str, value: Any) -> Callable[[dict[str, Any]], None]:
 
 
 DELETE = object()
-TRT_MISSING = "pip install 'tgate-trt[tensorrt]' on the GPU host"  # not installed, or only its type stubs
+TRT_MISSING = "pip install -e '.[tensorrt]' in a clone on the GPU host"  # not installed, or only its type stubs
 EXPORT = "{export}"
 OUT = "{tmp}/out"
 

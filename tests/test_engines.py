@@ -716,13 +716,21 @@ def test_build_refuses_bad_graph_names(tiny_export: Path, tmp_path: Path, fake_t
 
 # --- missing TensorRT ------------------------------------------------------------------------------
 def test_import_tensorrt_missing(no_tensorrt: None) -> None:
-    with pytest.raises(TensorRTMissing, match=r"pip install 'tgate-trt\[tensorrt\]'.*Jetson"):
+    with pytest.raises(TensorRTMissing, match=r"pip install -e '\.\[tensorrt\]'.*JetPack 7"):
+        import_tensorrt()
+
+
+@pytest.mark.parametrize("version", ["10.3.0.30", "11.4.0"])  # JetPack 6's TensorRT; what PyPI offers past 10.x
+def test_import_tensorrt_outside_the_checked_range(monkeypatch: pytest.MonkeyPatch, version: str) -> None:
+    stand_in = types.SimpleNamespace(__version__=version, Builder=object)
+    monkeypatch.setitem(sys.modules, "tensorrt", stand_in)
+    with pytest.raises(TensorRTMissing, match=f"TensorRT {version} is outside the range .*10.8 to 10.13"):
         import_tensorrt()
 
 
 def test_import_tensorrt_stubs_only(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setitem(sys.modules, "tensorrt", types.ModuleType("tensorrt"))  # what tensorrt-stubs gives
-    with pytest.raises(TensorRTMissing, match="only type stubs"):
+    with pytest.raises(TensorRTMissing, match="only TensorRT's type stubs are installed"):
         import_tensorrt()
 
 
@@ -742,7 +750,7 @@ def test_cli_without_tensorrt(tiny_export: Path, tmp_path: Path, no_tensorrt: No
     before = sorted(p.name for p in tiny_export.iterdir())
     assert build_main([str(tiny_export), "--out", str(out), "--fp16", "--dynamic", "batch=1:4"]) == 2
     err = capsys.readouterr().err
-    assert "tgate-build: error:" in err and "pip install 'tgate-trt[tensorrt]'" in err
+    assert "tgate-build: error:" in err and "pip install -e '.[tensorrt]'" in err
     assert not out.exists()
     assert build_main([str(tiny_export)]) == 2  # default --out (EXPORT_DIR/engines) is not created either
     assert sorted(p.name for p in tiny_export.iterdir()) == before
@@ -774,5 +782,5 @@ def test_export_with_engines_refuses_before_exporting_without_tensorrt(tmp_path:
         pass
     out = tmp_path / "exp"
     assert export_main(["--model", "tiny", "--out", str(out), "--engines"]) == 2
-    assert "pip install 'tgate-trt[tensorrt]'" in capsys.readouterr().err
+    assert "pip install -e '.[tensorrt]'" in capsys.readouterr().err
     assert not out.exists() and list(tmp_path.iterdir()) == []

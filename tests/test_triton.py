@@ -365,9 +365,7 @@ def test_v2_requests_equal_local_pipeline(
     client, module = _client(server, protocol)
     params = {"seed": 2, "steps": 8, "gate_step": 5, "sp_interval": 3, "fi_interval": 2, "warm_up": 1}
     image = client_script.generate(client, module, V2_MODEL, "a red circle", **params)
-    result = v2(
-        "a red circle", num_inference_steps=8, gate_step=5, seed=2, sp_interval=3, fi_interval=2, warm_up=1
-    )
+    result = v2("a red circle", num_inference_steps=8, gate_step=5, seed=2, sp_interval=3, fi_interval=2, warm_up=1)
     np.testing.assert_array_equal(image, np.asarray(result.images[0].convert("RGB"), dtype=np.uint8))
     assert result.calls["unet_r1"] > 0 and result.calls["unet_post_r12"] > 0  # the request really was V2
     with pytest.raises(InferenceServerException, match="--schedule v2"):
@@ -626,6 +624,21 @@ def test_cli_error_in_a_real_process(tmp_path: Path) -> None:
     assert proc.returncode == 2, proc.stderr
     assert proc.stderr.count("\n") == 1 and proc.stderr.startswith("tgate-triton: error: "), proc.stderr
     assert not (tmp_path / "r").exists()
+
+
+def test_serve_log_must_be_a_writable_file(
+    tiny_export: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--serve keeps tritonserver's log at --log (default out/triton/tritonserver.log): checked before starting."""
+    repo = tmp_path / "repo"
+    _generate_repo(tiny_export, repo, "tiny_tgate", "--link")
+    ports = ["--http-port", "18900", "--grpc-port", "18901", "--health-port", "0"]
+    assert cli.main(["--serve", str(repo), *ports, "--log", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("tgate-triton: error: --log") and "is a folder" in err
+    assert cli.main(["--serve", str(repo), *ports, "--log", str(tmp_path / "no" / "such" / "x.log")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    assert cli.build_parser().get_default("log") == Path("out/triton/tritonserver.log")
 
 
 def test_as_backend_installs_model_py(tmp_path: Path) -> None:

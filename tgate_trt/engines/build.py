@@ -39,9 +39,10 @@ from .profiles import Profile, all_profiles, check_handoffs, is_static, output_s
 
 ENGINES_JSON = "engines.json"
 SECTION_FORMAT = 1
+TRT_RANGE = ((10, 8), (10, 14))  # the tensorrt extra's bounds; type-checked against the 10.13 stubs
 INSTALL_HINT = (
-    "pip install 'tgate-trt[tensorrt]' on the GPU host (tensorrt>=10.8, with polygraphy and "
-    "onnx-graphsurgeon); on Jetson use JetPack's TensorRT (apt install python3-libnvinfer)"
+    "pip install -e '.[tensorrt]' in a clone on the GPU host (tensorrt>=10.8,<10.14, with polygraphy and "
+    "onnx-graphsurgeon); on Jetson use JetPack 7's TensorRT 10.13 (JetPack 6's TensorRT 10.3 is too old)"
 )
 
 
@@ -60,9 +61,12 @@ def import_tensorrt() -> ModuleType:
     except ImportError as exc:
         raise TensorRTMissing(f"TensorRT is not installed ({exc}): {INSTALL_HINT}") from exc
     if not hasattr(trt, "Builder"):
+        raise TensorRTMissing(f"only TensorRT's type stubs are installed here, not TensorRT itself: {INSTALL_HINT}")
+    found = tuple(int(p) for p in str(getattr(trt, "__version__", "0")).split(".")[:2] if p.isdigit())
+    if not TRT_RANGE[0] <= found < TRT_RANGE[1]:
         raise TensorRTMissing(
-            f"the importable 'tensorrt' ({getattr(trt, '__path__', '?')}) has no Builder: only type stubs "
-            f"are installed, not TensorRT itself: {INSTALL_HINT}"
+            f"TensorRT {getattr(trt, '__version__', '?')} is outside the range this code is checked against "
+            f"(10.8 to 10.13): {INSTALL_HINT}"
         )
     return trt
 

@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from ..contract.cli import Parser, command
 from ..contract.errors import UsageError
+from ..contract.files import check_output_file
 from .config import FORMS, KINDS
 from .contract import DEFAULT_MAX_BATCH, DEFAULT_MAX_STEPS, QUEUES
 from .repository import BACKENDS, RepoOptions, generate_repository, install_backend
@@ -84,6 +85,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--probe-timeout", type=float, default=30.0, help="seconds a probe request may take (3 misses: restart)"
     )
     s.add_argument("--exit-timeout", type=int, default=10, help="seconds Triton drains requests when stopping")
+    s.add_argument(
+        "--log",
+        type=Path,
+        default=Path("out/triton/tritonserver.log"),
+        help="tritonserver's log, appended and kept after the server stops",
+    )
     return p
 
 
@@ -120,6 +127,9 @@ def _serve(args: argparse.Namespace) -> int:
     from .server import TritonServer, TritonStartError
 
     _check_serve(args)
+    if args.log == build_parser().get_default("log"):
+        args.log.parent.mkdir(parents=True, exist_ok=True)  # the default folder, under out/
+    check_output_file(args.log, option="--log")
     with tempfile.TemporaryDirectory(prefix="tgate-triton-") as work:
         # explicit model control, every model loaded at start: models can be (re)loaded through the API
         server = TritonServer(
@@ -130,6 +140,7 @@ def _serve(args: argparse.Namespace) -> int:
             args.grpc_port,
             extra_args=["--model-control-mode=explicit", "--load-model=*"],
             exit_timeout=args.exit_timeout,
+            log_path=args.log,
         )
         try:
             with server:

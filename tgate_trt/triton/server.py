@@ -174,7 +174,7 @@ def stub_processes(parent: int) -> list[StubProcess]:
 class TritonServer:
     """One ``tritonserver`` process on ``host`` with free (or given) ports; a context manager.
 
-    ``workdir`` receives the backends folder and ``tritonserver.log``.
+    ``workdir`` receives the backends folder and, unless ``log_path`` names another file, ``tritonserver.log``.
     """
 
     def __init__(
@@ -186,6 +186,7 @@ class TritonServer:
         grpc_port: int = 0,
         extra_args: list[str] | None = None,
         exit_timeout: int = 10,
+        log_path: str | os.PathLike[str] | None = None,
     ) -> None:
         self.dist = find_tritonserver()
         self.repo = Path(repo).resolve()
@@ -198,7 +199,8 @@ class TritonServer:
         self.http_port = http_port or free_port(host)
         self.grpc_port = grpc_port or free_port(host)
         self.extra_args = list(extra_args or [])
-        self.log_path = self.workdir / "tritonserver.log"
+        # the log is appended and kept where asked (default: in the work folder)
+        self.log_path = Path(log_path).resolve() if log_path is not None else self.workdir / "tritonserver.log"
         self.process: subprocess.Popen[bytes] | None = None
         self.startup_seconds: float | None = None
 
