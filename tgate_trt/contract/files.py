@@ -111,6 +111,38 @@ def check_output_folder(path: str | os.PathLike[str], option: str = "--out") -> 
     return path
 
 
+def acquire_lock(path: Path, busy: Callable[[str], Exception], wait: bool = False) -> int:
+    """Take the advisory lock file ``path`` (its holder's pid written in it); returns its descriptor.
+
+    Without ``wait`` a held lock raises ``busy(owner_pid)``. A lock file its previous holder unlinked
+    while we waited is not the lock any more, so it is tried again."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except OSError as exc:
+            owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+            os.close(fd)
+            if exc.errno not in (errno.EAGAIN, errno.EACCES):
+                raise
+            raise busy(owner) from None
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if same:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+            return fd
+        os.close(fd)
+
+
+def release_lock(path: Path, fd: int) -> None:
+    """Unlink the lock file, then let it go (the order :func:`acquire_lock`'s retry relies on)."""
+    path.unlink(missing_ok=True)
+    os.close(fd)
+
+
 @contextlib.contextmanager
 def writer_lock(path: str | os.PathLike[str], option: str = "--out", wait: bool = False) -> Iterator[None]:
     """One writer at a time for an output updated in place (not swapped): the lock :class:`OutputDir` takes.
@@ -251,32 +283,11 @@ class OutputDir:
 
     # --- the lock and the swap -----------------------------------------------------------------
     def _acquire(self, wait: bool = False) -> None:
-        path = self.lock_path
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
-            except OSError as exc:
-                owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                os.close(fd)
-                if exc.errno not in (errno.EAGAIN, errno.EACCES):
-                    raise
-                raise self._busy(owner) from None
-            try:
-                same = os.path.samestat(os.fstat(fd), os.stat(path))
-            except FileNotFoundError:
-                same = False
-            if same:  # not a lock file its previous owner unlinked while we waited
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-                self._lock = fd
-                return
-            os.close(fd)
+        self._lock = acquire_lock(self.lock_path, self._busy, wait)
 
     def _release(self) -> None:
         if self._lock is not None:
-            self.lock_path.unlink(missing_ok=True)
-            os.close(self._lock)
+            release_lock(self.lock_path, self._lock)
             self._lock = None
 
     def _remove_stale(self) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import fcntl
 import json
 import math
 import os
@@ -23,6 +22,7 @@ from typing import Any
 
 from .. import manifest as mf
 from ..contract.errors import OutputError
+from ..contract.files import acquire_lock, release_lock
 
 VARIANTS = {
     "a": "diffusers PyTorch (no gate)",
@@ -142,33 +142,17 @@ class ReportFiles:
 
     # --- the lock, the stage and the swap -----------------------------------------------------------
     def _acquire(self) -> None:
-        path = self.lock_path
-        while True:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                owner = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
-                os.close(fd)
-                raise OutputError(
-                    f"another {self.tool} (pid {owner}) is writing its report into {self.given}: wait for it "
-                    f"to finish, or choose another {self.option}"
-                ) from None
-            try:
-                same = os.path.samestat(os.fstat(fd), os.stat(path))
-            except FileNotFoundError:
-                same = False
-            if same:  # not a lock file its previous owner unlinked while we waited
-                os.ftruncate(fd, 0)
-                os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
-                self._lock = fd
-                return
-            os.close(fd)
+        def busy(owner: str) -> OutputError:
+            return OutputError(
+                f"another {self.tool} (pid {owner}) is writing its report into {self.given}: wait for it "
+                f"to finish, or choose another {self.option}"
+            )
+
+        self._lock = acquire_lock(self.lock_path, busy)
 
     def _release(self) -> None:
         if self._lock is not None:
-            self.lock_path.unlink(missing_ok=True)
-            os.close(self._lock)
+            release_lock(self.lock_path, self._lock)
             self._lock = None
 
     def _remove_made(self) -> None:
