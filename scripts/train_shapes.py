@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import sys
 
-from tgate_trt.export.shapes.train import main
+from tgate_trt.zoo.shapes.train import main
 
 if __name__ == "__main__":
     sys.exit(main(sys.argv[1:], script="python scripts/train_shapes.py"))

@@ -40,15 +40,19 @@ def authors_latents(
     """Final latents of the authors' ``pipe.tgate(...)`` with ``params`` (V1 or V2)."""
     tgate = pytest.importorskip("tgate", reason="the authors' tgate package (dev extra) is not installed")
     loader = tgate.TgateSDXLLoader if "sdxl" in name else tgate.TgateSDLoader
-    return loader(tiny_pipe(name, scheduler)).tgate(
-        prompt,
-        negative_prompt=negative,
-        num_inference_steps=steps,
-        output_type="latent",
-        gate_step=params.gate_step,
-        sp_interval=params.sp_interval,
-        fi_interval=params.fi_interval,
-        warm_up=params.warm_up,
-        generator=torch.Generator().manual_seed(seed),
-        **kwargs,
-    ).images
+    return (
+        loader(tiny_pipe(name, scheduler))
+        .tgate(
+            prompt,
+            negative_prompt=negative,
+            num_inference_steps=steps,
+            output_type="latent",
+            gate_step=params.gate_step,
+            sp_interval=params.sp_interval,
+            fi_interval=params.fi_interval,
+            warm_up=params.warm_up,
+            generator=torch.Generator().manual_seed(seed),
+            **kwargs,
+        )
+        .images
+    )

@@ -88,7 +88,7 @@ def check_prompts() -> Callable[[], list]:
     """The judged prompts of ``shapes`` as ``data.Spec`` (a function, so the import stays lazy)."""
 
     def specs() -> list:
-        from tgate_trt.export.shapes import data
+        from tgate_trt.zoo.shapes import data
 
         return [data.Spec(c, s, p) for c, s, p in CHECK_PROMPTS]
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from tgate_trt.export.analyze import JSON_NAME, PNG_NAME, main, suggest_gate
+from tgate_trt.tools.analyze import JSON_NAME, PNG_NAME, main, suggest_gate
 
 STEPS = 8
 TINY_ATTN2 = 7
@@ -138,7 +138,7 @@ def test_cli_usage_errors_exit_2(tmp_path: Path) -> None:
             main(args)
         assert exc.value.code == 2
     proc = subprocess.run(
-        [sys.executable, "-m", "tgate_trt.export.analyze", "--model", "tiny", "--prompt", "x", "--steps", "1"]
+        [sys.executable, "-m", "tgate_trt.tools.analyze", "--model", "tiny", "--prompt", "x", "--steps", "1"]
         + ["--out", str(tmp_path / "o")],
         capture_output=True,
         text=True,

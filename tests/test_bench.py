@@ -12,7 +12,7 @@ from PIL import Image
 
 from tgate_trt.engines import cli as build_cli
 from tgate_trt.export.quantize import quantize_export
-from tgate_trt.runtime.bench import choose_variants, main, markdown, parse_variants, targets
+from tgate_trt.tools.bench import choose_variants, main, markdown, parse_variants, targets
 
 TINY = ["--model", "tiny", "--height", "64", "--width", "64", "--steps", "6", "--gate", "2", "--runs", "1"]
 
@@ -171,7 +171,7 @@ def test_bench_refuses_bad_input(tiny_export: Path, tmp_path: Path, capsys: pyte
 def test_report_files_replace_only_their_own(tmp_path: Path) -> None:
     """--out is shared: an earlier report is replaced only with --force, and only its own files."""
     from tgate_trt.contract.errors import OutputError
-    from tgate_trt.runtime.bench_report import ReportFiles, json_safe, write_json
+    from tgate_trt.tools.bench_report import ReportFiles, json_safe, write_json
 
     out = tmp_path / "bench"
     names = ("bench.json", "bench.md")

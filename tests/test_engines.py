@@ -97,9 +97,7 @@ def test_profiles_match_what_ort_runs(manifest: mf.Manifest, tiny_export: Path) 
         rng = np.random.default_rng(0)
         feeds = {
             t.name: (
-                rng.integers(0, 10, prof[t.name][1])
-                if "int" in t.dtype
-                else rng.standard_normal(prof[t.name][1])
+                rng.integers(0, 10, prof[t.name][1]) if "int" in t.dtype else rng.standard_normal(prof[t.name][1])
             ).astype(t.dtype)
             for t in spec.inputs
         }
@@ -164,8 +162,9 @@ def v2(v2_export: Callable[[str], Path]) -> Callable[[str], tuple[Path, mf.Manif
 def _feeds(spec: mf.GraphSpec, shapes: dict[str, tuple[int, ...]], seed: int = 0) -> dict[str, np.ndarray]:
     rng = np.random.default_rng(seed)
     return {
-        t.name: (rng.integers(0, 10, shapes[t.name]) if "int" in t.dtype else rng.standard_normal(shapes[t.name]))
-        .astype(t.dtype)
+        t.name: (
+            rng.integers(0, 10, shapes[t.name]) if "int" in t.dtype else rng.standard_normal(shapes[t.name])
+        ).astype(t.dtype)
         for t in spec.inputs
     }
 
@@ -365,9 +364,7 @@ FAKE_TRT = types.SimpleNamespace(
 )
 
 
-def _configure(
-    options: BuildOptions, manifest: mf.Manifest
-) -> tuple[BuilderSettings, FakeConfig, FakeBuilder]:
+def _configure(options: BuildOptions, manifest: mf.Manifest) -> tuple[BuilderSettings, FakeConfig, FakeBuilder]:
     settings = builder_settings(options, manifest)
     config, builder = FakeConfig(), FakeBuilder()
     assert apply_settings(FAKE_TRT, builder, config, settings) == "network"
@@ -401,9 +398,7 @@ def test_option_strongly_typed_auto_for_fp16_export(manifest: mf.Manifest) -> No
 def test_option_strongly_typed_explicit(manifest: mf.Manifest) -> None:
     _, _, builder = _configure(BuildOptions(strongly_typed=True), manifest)
     assert builder.network_flags == 1 << 1
-    settings, config, builder = _configure(
-        BuildOptions(fp16=True, strongly_typed=False), _fp16_manifest(manifest)
-    )
+    settings, config, builder = _configure(BuildOptions(fp16=True, strongly_typed=False), _fp16_manifest(manifest))
     assert builder.network_flags == 0 and config.flags == ["BuilderFlag.FP16"]
     with pytest.raises(ValueError, match="drop --strongly-typed"):
         builder_settings(BuildOptions(fp16=True, strongly_typed=True), manifest)
@@ -437,17 +432,13 @@ def test_option_hardware_compat(manifest: mf.Manifest) -> None:
 def test_option_version_compatible(manifest: mf.Manifest) -> None:
     settings, config, _ = _configure(BuildOptions(version_compatible=True), manifest)
     assert config.flags == ["BuilderFlag.VERSION_COMPATIBLE"] and settings.engine_host_code_allowed
-    settings, config, _ = _configure(
-        BuildOptions(version_compatible=True, exclude_lean_runtime=True), manifest
-    )
+    settings, config, _ = _configure(BuildOptions(version_compatible=True, exclude_lean_runtime=True), manifest)
     assert config.flags == ["BuilderFlag.VERSION_COMPATIBLE", "BuilderFlag.EXCLUDE_LEAN_RUNTIME"]
 
 
 def test_option_strip_weights(manifest: mf.Manifest) -> None:
     settings, config, _ = _configure(BuildOptions(strip_weights=True), manifest)
-    assert (
-        config.flags == ["BuilderFlag.STRIP_PLAN", "BuilderFlag.REFIT_IDENTICAL"] and settings.refit_from_onnx
-    )
+    assert config.flags == ["BuilderFlag.STRIP_PLAN", "BuilderFlag.REFIT_IDENTICAL"] and settings.refit_from_onnx
 
 
 def test_option_dynamic_reaches_the_profile(manifest: mf.Manifest) -> None:
@@ -734,9 +725,7 @@ def test_import_tensorrt_stubs_only(monkeypatch: pytest.MonkeyPatch) -> None:
         import_tensorrt()
 
 
-def test_build_engines_without_tensorrt_writes_nothing(
-    tiny_export: Path, tmp_path: Path, no_tensorrt: None
-) -> None:
+def test_build_engines_without_tensorrt_writes_nothing(tiny_export: Path, tmp_path: Path, no_tensorrt: None) -> None:
     out = tmp_path / "plans"
     with pytest.raises(TensorRTMissing, match="tensorrt>=10.8"):
         build_engines(tiny_export, out, BuildOptions(), 1, 64, 64)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from tgate_trt.runtime.evaluate import main
+from tgate_trt.tools.evaluate import main
 
 V2_RUN = ["--steps", "8", "--gates", "5", "--v2", "5/2/2/1", "--seeds-per-prompt", "1"]
 

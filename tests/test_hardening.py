@@ -27,8 +27,13 @@ from hardening_cases import API_CASES, CLI_CASES, Case, Ctx
 LIMIT_S = {"export": 15.0}  # tgate-export imports torch and diffusers before it can refuse
 DEFAULT_LIMIT_S = 8.0
 LEFTOVERS = (".*.tmp-*", ".*.old-*", ".*.lock")
-PROGS = {"export": "tgate-export", "run": "tgate-run", "quantize": "tgate-quantize", "build": "tgate-build",
-         "build-trt": "tgate-build"}
+PROGS = {
+    "export": "tgate-export",
+    "run": "tgate-run",
+    "quantize": "tgate-quantize",
+    "build": "tgate-build",
+    "build-trt": "tgate-build",
+}
 
 # Runs one CLI with guards: with ``hash``, hashing a file aborts (exit 99); with ``hash`` or ``load``,
 # loading a model or graph does. So a row passes only if it is refused before that stage.
@@ -350,13 +355,17 @@ def test_force_onto_a_symlinked_out(tool: str, tmp_path: Path, tiny_export: Path
     link = tmp_path / "link"
     link.symlink_to(real / "target")
     if tool == "export":
-        proc = subprocess.run([*EXPORT_CMD, "--model", "tiny", "--out", str(link), "--force"], capture_output=True,
-                              text=True)
+        proc = subprocess.run(
+            [*EXPORT_CMD, "--model", "tiny", "--out", str(link), "--force"], capture_output=True, text=True
+        )
     else:
         from_ = tmp_path / "src"
         shutil.copytree(tiny_export, from_)
-        proc = subprocess.run([sys.executable, "-m", "tgate_trt.export.quantize", str(from_), "--out", str(link),
-                               "--force"], capture_output=True, text=True)
+        proc = subprocess.run(
+            [sys.executable, "-m", "tgate_trt.export.quantize", str(from_), "--out", str(link), "--force"],
+            capture_output=True,
+            text=True,
+        )
     assert proc.returncode == 0, proc.stderr
     assert link.is_symlink() and link.resolve() == (real / "target").resolve()
     manifest = json.loads((link / "manifest.json").read_text())
@@ -381,9 +390,21 @@ def test_two_openvino_builds_keep_both_sections(ctx: Ctx) -> None:
     """Two builds into different folders of one export at once: the manifest gets both sections."""
     procs = [
         subprocess.Popen(
-            [sys.executable, "-m", "tgate_trt.engines.cli", str(ctx.export), "--target", "openvino",
-             "--precision", "f32", "--out", str(ctx.export / name)],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            [
+                sys.executable,
+                "-m",
+                "tgate_trt.engines.cli",
+                str(ctx.export),
+                "--target",
+                "openvino",
+                "--precision",
+                "f32",
+                "--out",
+                str(ctx.export / name),
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         for name in ("openvino", "ov2")
     ]

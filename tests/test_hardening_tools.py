@@ -16,14 +16,14 @@ from pathlib import Path
 
 import pytest
 
-from tgate_trt.export.shapes import WEIGHTS
+from tgate_trt.zoo.shapes import WEIGHTS
 
 MODULES = {
-    "tgate-macs": "tgate_trt.export.macs",
-    "tgate-analyze": "tgate_trt.export.analyze",
-    "tgate-eval": "tgate_trt.runtime.evaluate",
-    "tgate-bench": "tgate_trt.runtime.bench",
-    "train_shapes": "tgate_trt.export.shapes.train",
+    "tgate-macs": "tgate_trt.tools.macs",
+    "tgate-analyze": "tgate_trt.tools.analyze",
+    "tgate-eval": "tgate_trt.tools.evaluate",
+    "tgate-bench": "tgate_trt.tools.bench",
+    "train_shapes": "tgate_trt.zoo.shapes.train",
 }
 FAST = 5.0  # seconds per refusal, interpreter start and imports included: nothing heavy is loaded first
 TIMES: dict[str, float] = {}

@@ -9,9 +9,9 @@ import torch
 from diffusers.models.attention_processor import Attention
 
 from tgate_trt import manifest as mf
-from tgate_trt.export.macs import main, model_macs, pipeline_macs
 from tgate_trt.export.tgate import PostGateUNet, PreGateUNet
 from tgate_trt.families import build_tiny
+from tgate_trt.tools.macs import main, model_macs, pipeline_macs
 
 
 def _torch_macs(module: torch.nn.Module, args: tuple) -> dict[str, int]:

@@ -224,8 +224,16 @@ def test_lcm_lora_shaped_folder_exports_and_matches_authors(tmp_path: Path) -> N
     theirs = (
         tgate.TgateSDXLLoader(build())
         .tgate(
-            PROMPTS, gate_step=2, num_inference_steps=4, guidance_scale=1.0, sp_interval=1, fi_interval=1,
-            warm_up=0, lcm=True, generator=torch.Generator().manual_seed(3), output_type="latent",
+            PROMPTS,
+            gate_step=2,
+            num_inference_steps=4,
+            guidance_scale=1.0,
+            sp_interval=1,
+            fi_interval=1,
+            warm_up=0,
+            lcm=True,
+            generator=torch.Generator().manual_seed(3),
+            output_type="latent",
         )  # fmt: skip
         .images
     )

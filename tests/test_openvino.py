@@ -16,11 +16,11 @@ from tgate_trt import manifest as mf  # noqa: E402
 from tgate_trt.contract.files import MARKER  # noqa: E402
 from tgate_trt.engines import cli as build_cli  # noqa: E402
 from tgate_trt.engines import openvino as ovb  # noqa: E402
-from tgate_trt.export.shapes import data  # noqa: E402
-from tgate_trt.export.shapes.judge import accuracy  # noqa: E402
 from tgate_trt.runtime import cli as run_cli  # noqa: E402
 from tgate_trt.runtime.ov_engine import OvEngine, OvMismatch  # noqa: E402
 from tgate_trt.runtime.pipeline import TGatePipeline  # noqa: E402
+from tgate_trt.zoo.shapes import data  # noqa: E402
+from tgate_trt.zoo.shapes.judge import accuracy  # noqa: E402
 
 HAS_BF16 = ovb.supports_bf16(ov.Core())
 needs_bf16 = pytest.mark.skipif(not HAS_BF16, reason="this CPU has no native bf16 (AMX or AVX-512 BF16)")

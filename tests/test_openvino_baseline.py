@@ -12,9 +12,9 @@ pytest.importorskip("optimum.intel", reason="the OpenVINO baseline is optimum-in
 
 from tgate_trt import manifest as mf  # noqa: E402
 from tgate_trt.contract.errors import OutputError  # noqa: E402
-from tgate_trt.runtime import openvino_baseline as ovb  # noqa: E402
-from tgate_trt.runtime.optimum_baseline import OptimumBaselineError  # noqa: E402
 from tgate_trt.runtime.pipeline import TGatePipeline  # noqa: E402
+from tgate_trt.tools import openvino_baseline as ovb  # noqa: E402
+from tgate_trt.tools.optimum_baseline import OptimumBaselineError  # noqa: E402
 
 PROMPT, STEPS = "a red circle", 5
 

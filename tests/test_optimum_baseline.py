@@ -11,8 +11,8 @@ import pytest
 from tgate_trt import manifest as mf
 from tgate_trt.contract.errors import OutputError
 from tgate_trt.contract.files import MARKER
-from tgate_trt.runtime import optimum_baseline as ob
 from tgate_trt.runtime.pipeline import TGatePipeline
+from tgate_trt.tools import optimum_baseline as ob
 
 
 @pytest.fixture(scope="module")

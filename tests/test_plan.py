@@ -60,7 +60,10 @@ def _oracle(steps: int, p: TGateParams, cfg: bool, order: int, n: int, clamp: bo
     for i in range(n):
         if i == n - 1 or ((i + 1) > nws and (i + 1) % order == 0):
             ca, sa, keep = tgate_utils.tgate_scheduler(
-                cur_step=i - nws, gate_step=p.gate_step, sp_interval=p.sp_interval, fi_interval=p.fi_interval,
+                cur_step=i - nws,
+                gate_step=p.gate_step,
+                sp_interval=p.sp_interval,
+                fi_interval=p.fi_interval,
                 warm_up=p.warm_up,
             )
         on = cfg and (i - nws) < p.gate_step

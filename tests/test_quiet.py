@@ -110,7 +110,7 @@ def _options_without_help(text: str) -> list[str]:
 @pytest.mark.parametrize("name", [*COMMANDS, "train"])
 def test_help_of_every_command_documents_every_option(tmp_path: Path, name: str) -> None:
     if name == "train":  # scripts/train_shapes.py
-        cmd = [sys.executable, "-m", "tgate_trt.export.shapes.train", "--help"]
+        cmd = [sys.executable, "-m", "tgate_trt.zoo.shapes.train", "--help"]
         proc = subprocess.run(cmd, capture_output=True, text=True, cwd=tmp_path, env=_env(), timeout=120)
     else:
         proc = tgate(name, "--help", cwd=tmp_path, timeout=120)

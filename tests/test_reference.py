@@ -120,17 +120,36 @@ def _pipe(name: str, scheduler: str):  # noqa: ANN202 (a diffusers pipeline)
     return pipe
 
 
-def authors_v2(name: str, scheduler: str, prompt: list[str], negative: list[str], steps: int, params: TGateParams,
-               seed: int = 3, **kw) -> torch.Tensor:  # noqa: ANN003
+def authors_v2(
+    name: str,
+    scheduler: str,
+    prompt: list[str],
+    negative: list[str],
+    steps: int,
+    params: TGateParams,
+    seed: int = 3,
+    **kw,
+) -> torch.Tensor:  # noqa: ANN003
     """The authors' pipeline, built fresh for each run (its loader rewires the modules it is given and
     keeps caches across calls)."""
     tgate = pytest.importorskip("tgate", reason="the authors' tgate package (dev extra) is not installed")
     loader = tgate.TgateSDXLLoader if "sdxl" in name else tgate.TgateSDLoader
-    return loader(_pipe(name, scheduler)).tgate(
-        prompt, negative_prompt=negative, num_inference_steps=steps, output_type="latent",
-        gate_step=params.gate_step, sp_interval=params.sp_interval, fi_interval=params.fi_interval,
-        warm_up=params.warm_up, generator=torch.Generator().manual_seed(seed), **kw,
-    ).images
+    return (
+        loader(_pipe(name, scheduler))
+        .tgate(
+            prompt,
+            negative_prompt=negative,
+            num_inference_steps=steps,
+            output_type="latent",
+            gate_step=params.gate_step,
+            sp_interval=params.sp_interval,
+            fi_interval=params.fi_interval,
+            warm_up=params.warm_up,
+            generator=torch.Generator().manual_seed(seed),
+            **kw,
+        )
+        .images
+    )
 
 
 @pytest.mark.parametrize("name", ["tiny", "tiny-sd21", "tiny-sdxl"])
@@ -140,13 +159,18 @@ def test_v2_reference_equals_authors_package(name: str, steps: int, params: TGat
     prompt, negative = ["a red circle on the left", "a blue square"], ["", ""]
     guidance = 5.0 if "sdxl" in name else 7.5
     ours = tgate_reference(
-        _pipe(name, scheduler), prompt, negative, steps, guidance_scale=guidance,
-        generator=torch.Generator().manual_seed(3), output_type="pt", params=params,
+        _pipe(name, scheduler),
+        prompt,
+        negative,
+        steps,
+        guidance_scale=guidance,
+        generator=torch.Generator().manual_seed(3),
+        output_type="pt",
+        params=params,
     )
     theirs = authors_v2(name, scheduler, prompt, negative, steps, params, guidance_scale=guidance)
     assert (ours.latents - theirs).abs().max().item() <= 1e-4
-    v1 = authors_v2(name, scheduler, prompt, negative, steps, TGateParams.v1(params.gate_step),
-                    guidance_scale=guidance)
+    v1 = authors_v2(name, scheduler, prompt, negative, steps, TGateParams.v1(params.gate_step), guidance_scale=guidance)
     assert (theirs - v1).abs().max().item() > 1e-2  # V2 differs from V1: the equality above is not V1's
     assert any("attn1" in s.replay for s in ours.steps)
     assert ours.calls == {k: v for k, v in counts_by_variant(ours.steps).items()}  # each variant as planned

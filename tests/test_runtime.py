@@ -123,24 +123,18 @@ def test_tampered_export_is_refused(tiny_export: Path, tmp_path: Path) -> None:
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tgate_trt.runtime.cli", *args], capture_output=True, text=True
-    )
+    return subprocess.run([sys.executable, "-m", "tgate_trt.runtime.cli", *args], capture_output=True, text=True)
 
 
 def test_cli_writes_png_and_timing_table(tiny_export: Path, tmp_path: Path) -> None:
     out = tmp_path / "cat.png"
-    proc = _run(
-        str(tiny_export), "a red circle", "--steps", "8", "--gate", "3", "--seed", "1", "--out", str(out)
-    )
+    proc = _run(str(tiny_export), "a red circle", "--steps", "8", "--gate", "3", "--seed", "1", "--out", str(out))
     assert proc.returncode == 0, proc.stderr
     for label in ("text encoder", "pre-gate steps", "post-gate steps", "VAE decoder", "total"):
         assert label in proc.stdout
     image = Image.open(out)
     assert image.size == (64, 64) and image.format == "PNG"
-    expected = TGatePipeline.from_export(tiny_export)(
-        "a red circle", num_inference_steps=8, gate_step=3, seed=1
-    )
+    expected = TGatePipeline.from_export(tiny_export)("a red circle", num_inference_steps=8, gate_step=3, seed=1)
     assert np.array_equal(np.asarray(image), np.asarray(expected.images[0]))
 
 

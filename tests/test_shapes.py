@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from tgate_trt.export.shapes import WEIGHTS, WEIGHTS_RECORD, ShapesWeightsError, data, load, verify
-from tgate_trt.export.shapes.judge import accuracy, judge
-from tgate_trt.export.shapes.tokenizer import word_tokenizer
+from tgate_trt.zoo.shapes import WEIGHTS, WEIGHTS_RECORD, ShapesWeightsError, data, load, verify
+from tgate_trt.zoo.shapes.judge import accuracy, judge
+from tgate_trt.zoo.shapes.tokenizer import word_tokenizer
 
 
 def test_judge_scores_the_generators_own_images() -> None:
@@ -60,7 +60,7 @@ def _tensors(folder: Path) -> dict[str, np.ndarray]:
 
 def test_training_runs_and_resumes_to_the_same_weights(tmp_path: Path) -> None:
     from tgate_trt.contract.errors import OutputError
-    from tgate_trt.export.shapes.train import Interrupted, tiny_config, train
+    from tgate_trt.zoo.shapes.train import Interrupted, tiny_config, train
 
     cfg = tiny_config()
     straight = train(tmp_path / "a", tmp_path / "work_a", cfg)
@@ -136,7 +136,7 @@ def test_int8_copy_still_draws_what_it_is_asked(
 def test_eval_writes_table_json_and_grid(shapes_export: Path, tmp_path: Path) -> None:
     import json
 
-    from tgate_trt.runtime.evaluate import main as eval_main
+    from tgate_trt.tools.evaluate import main as eval_main
 
     out = tmp_path / "eval"
     assert (
@@ -165,7 +165,7 @@ def test_eval_writes_table_json_and_grid(shapes_export: Path, tmp_path: Path) ->
 
 
 def test_eval_refuses_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    from tgate_trt.runtime.evaluate import main as eval_main
+    from tgate_trt.tools.evaluate import main as eval_main
 
     assert eval_main(["--gates", "0", "--out", str(tmp_path)]) == 2
     assert "--gates must be an integer in 1..24" in capsys.readouterr().err
@@ -180,7 +180,7 @@ def test_eval_refuses_bad_input(tmp_path: Path, capsys: pytest.CaptureFixture[st
 
 
 def test_eval_replaces_its_report_only_with_force(shapes_export: Path, tmp_path: Path) -> None:
-    from tgate_trt.runtime.evaluate import main as eval_main
+    from tgate_trt.tools.evaluate import main as eval_main
 
     out = tmp_path / "quality"
     (out / "guidance-7.5").mkdir(parents=True)  # another sitting kept in the same folder
@@ -196,8 +196,8 @@ def test_eval_replaces_its_report_only_with_force(shapes_export: Path, tmp_path:
 def test_training_refuses_the_shipped_weights(tmp_path: Path) -> None:
     """Training never replaces the package's weights by accident, nor an output that isn't a model."""
     from tgate_trt.contract.errors import OutputError
-    from tgate_trt.export.shapes.train import main as train_main
-    from tgate_trt.export.shapes.train import tiny_config, train
+    from tgate_trt.zoo.shapes.train import main as train_main
+    from tgate_trt.zoo.shapes.train import tiny_config, train
 
     before = {p: p.stat().st_mtime_ns for p in WEIGHTS.rglob("*")}
     with pytest.raises(OutputError, match="--overwrite-shipped"):

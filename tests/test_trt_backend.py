@@ -344,8 +344,15 @@ def test_build_and_run_tiny_engines_match_ort(
     engines = load_engines(export, tmp_path / "plans", cuda_graphs=True)
     pipe = TGatePipeline(export, ref.manifest, dict(engines), ref.tokenizer)
     params = TGateParams.v1(4) if schedule == "v1" else TGateParams(5, 2, 3, 1)
-    kwargs = {"num_inference_steps": 12, "gate_step": params.gate_step, "seed": 0, "scheduler": "ddim",
-              "sp_interval": params.sp_interval, "fi_interval": params.fi_interval, "warm_up": params.warm_up}
+    kwargs = {
+        "num_inference_steps": 12,
+        "gate_step": params.gate_step,
+        "seed": 0,
+        "scheduler": "ddim",
+        "sp_interval": params.sp_interval,
+        "fi_interval": params.fi_interval,
+        "warm_up": params.warm_up,
+    }
     a, b = ref("a red circle", **kwargs), pipe("a red circle", **kwargs)
     assert np.abs(a.latents - b.latents).max() < 1e-2
     steps = pipe.plan(12, params, make_scheduler(pipe.scheduler_config, "ddim"))

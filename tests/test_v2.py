@@ -39,9 +39,16 @@ def _guidance(name: str) -> float:
 
 def _run(pipe: TGatePipeline, name: str, steps: int, params: TGateParams, scheduler: str):  # noqa: ANN202
     return pipe(
-        PROMPTS, negative_prompt=NEGATIVES, num_inference_steps=steps, gate_step=params.gate_step,
-        guidance_scale=_guidance(name), seed=3, scheduler=scheduler, sp_interval=params.sp_interval,
-        fi_interval=params.fi_interval, warm_up=params.warm_up,
+        PROMPTS,
+        negative_prompt=NEGATIVES,
+        num_inference_steps=steps,
+        gate_step=params.gate_step,
+        guidance_scale=_guidance(name),
+        seed=3,
+        scheduler=scheduler,
+        sp_interval=params.sp_interval,
+        fi_interval=params.fi_interval,
+        warm_up=params.warm_up,
     )
 
 
@@ -116,17 +123,38 @@ def test_cli_v2_flags(v2_export: Callable[[str], Path], tmp_path: Path) -> None:
     out = tmp_path / "v2.png"
     args = ["--steps", "12", "--gate", "6", "--sp-interval", "2", "--fi-interval", "2", "--warm-up", "1"]
     proc = subprocess.run(
-        [sys.executable, "-m", "tgate_trt.runtime.cli", str(v2_export("tiny")), "a red circle", *args,
-         "--out", str(out), "--save-latents", str(tmp_path / "v2.npy")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "tgate_trt.runtime.cli",
+            str(v2_export("tiny")),
+            "a red circle",
+            *args,
+            "--out",
+            str(out),
+            "--save-latents",
+            str(tmp_path / "v2.npy"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert proc.returncode == 0, proc.stderr
     pipe = TGatePipeline.from_export(v2_export("tiny"))
     want = pipe("a red circle", num_inference_steps=12, gate_step=6, sp_interval=2, fi_interval=2, warm_up=1)
     assert np.array_equal(np.load(tmp_path / "v2.npy"), want.latents)
     bad = subprocess.run(
-        [sys.executable, "-m", "tgate_trt.runtime.cli", str(v2_export("tiny")), "a", "--sp-interval", "0",
-         "--out", str(tmp_path / "b.png")],
-        capture_output=True, text=True,
+        [
+            sys.executable,
+            "-m",
+            "tgate_trt.runtime.cli",
+            str(v2_export("tiny")),
+            "a",
+            "--sp-interval",
+            "0",
+            "--out",
+            str(tmp_path / "b.png"),
+        ],
+        capture_output=True,
+        text=True,
     )
     assert bad.returncode == 2 and "sp_interval must be an integer" in bad.stderr

@@ -343,9 +343,7 @@ def _find(specs: list[TensorSpec], name: str) -> TensorSpec:
     raise KeyError(f"no tensor named {name!r}; have {[s.name for s in specs]}")
 
 
-def check_files(
-    folder: Path, files: dict[str, str], remedy: str, error: type[ManifestError] = ManifestError
-) -> None:
+def check_files(folder: Path, files: dict[str, str], remedy: str, error: type[ManifestError] = ManifestError) -> None:
     """Every file (path relative to ``folder`` -> sha256) present and unchanged; the message names the file."""
     for rel, digest in files.items():
         file = folder / rel

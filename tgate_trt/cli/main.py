@@ -17,10 +17,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "run": ("tgate_trt.runtime.cli", "main", "generate images from an export (ONNX Runtime, OpenVINO, TensorRT)"),
     "serve": ("tgate_trt.triton.cli", "main", "a Triton model repository for an export, and a local server"),
     "quantize": ("tgate_trt.export.quantize", "main", "an int8 copy of an export for CPUs"),
-    "bench": ("tgate_trt.runtime.bench", "main", "time our pipelines beside the peers a user would pick"),
-    "eval": ("tgate_trt.runtime.evaluate", "main", "image quality of gating on the shapes model"),
-    "macs": ("tgate_trt.export.macs", "main", "count MACs of an export's graphs per plan"),
-    "analyze": ("tgate_trt.export.analyze", "main", "how attention outputs converge over the steps"),
+    "bench": ("tgate_trt.tools.bench", "main", "time our pipelines beside the peers a user would pick"),
+    "eval": ("tgate_trt.tools.evaluate", "main", "image quality of gating on the shapes model"),
+    "macs": ("tgate_trt.tools.macs", "main", "count MACs of an export's graphs per plan"),
+    "analyze": ("tgate_trt.tools.analyze", "main", "how attention outputs converge over the steps"),
 }
 
 

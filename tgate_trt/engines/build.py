@@ -213,8 +213,7 @@ def build_engines(
     cc = gpu["compute_capability"]
     if options.hardware_compat == "ampere+" and cc is not None and float(cc) < 8.0:
         raise UsageError(
-            f"--hardware-compat ampere+ needs an Ampere or newer GPU to build on; this is {gpu['name']} "
-            f"({cc})"
+            f"--hardware-compat ampere+ needs an Ampere or newer GPU to build on; this is {gpu['name']} ({cc})"
         )
 
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -226,12 +225,8 @@ def build_engines(
     try:
         for key in keys:
             spec = manifest.graphs[key]
-            onnx_path, steps = prepare_onnx(
-                export_dir / spec.file, work / key, fold=not options.strip_weights
-            )
-            data, timing_cache = _build_one(
-                trt, builder, logger, settings, onnx_path, profiles[key], key, timing_cache
-            )
+            onnx_path, steps = prepare_onnx(export_dir / spec.file, work / key, fold=not options.strip_weights)
+            data, timing_cache = _build_one(trt, builder, logger, settings, onnx_path, profiles[key], key, timing_cache)
             digest = write_atomic(out_dir / f"{key}.plan", data)
             plans[key] = {
                 "file": f"{key}.plan",

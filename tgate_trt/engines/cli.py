@@ -30,9 +30,7 @@ def build_parser() -> Parser:
         "(Intel CPUs and GPUs).",
     )
     p.add_argument("export_dir", type=Path, help="folder written by tgate-export")
-    p.add_argument(
-        "--target", default="tensorrt", choices=TARGETS, help="engine kind (default: tensorrt)"
-    )
+    p.add_argument("--target", default="tensorrt", choices=TARGETS, help="engine kind (default: tensorrt)")
     p.add_argument(
         "--out",
         type=Path,
@@ -77,15 +75,9 @@ def build_parser() -> Parser:
         choices=tuple(HARDWARE_COMPAT),
         help="none: plans for this GPU's architecture; ampere+: plans that run on any Ampere or later GPU",
     )
-    trt.add_argument(
-        "--version-compatible", action="store_true", help="plans for later TensorRT (lean runtime)"
-    )
-    trt.add_argument(
-        "--exclude-lean-runtime", action="store_true", help="with --version-compatible: smaller plans"
-    )
-    trt.add_argument(
-        "--strip-weights", action="store_true", help="weightless plans, refitted from the ONNX at load"
-    )
+    trt.add_argument("--version-compatible", action="store_true", help="plans for later TensorRT (lean runtime)")
+    trt.add_argument("--exclude-lean-runtime", action="store_true", help="with --version-compatible: smaller plans")
+    trt.add_argument("--strip-weights", action="store_true", help="weightless plans, refitted from the ONNX at load")
     return p
 
 
@@ -155,9 +147,7 @@ def main(argv: Sequence[str]) -> int:
             print(f"removed {stale}, left by an interrupted build", file=sys.stderr)
         section = build_engines(args.export_dir, out, options, args.batch, height, width)
     for key, plan in section["plans"].items():
-        print(
-            f"{key:<14} {out / plan['file']}  {plan['bytes'] / 2**20:8.1f} MiB  sha256 {plan['sha256'][:12]}"
-        )
+        print(f"{key:<14} {out / plan['file']}  {plan['bytes'] / 2**20:8.1f} MiB  sha256 {plan['sha256'][:12]}")
     gpu = section["gpu"]
     print(
         f"TensorRT {section['tensorrt']} on {gpu['name']} (sm {gpu['compute_capability']}), "

@@ -111,9 +111,7 @@ def compile_config(inference: str, device: str, threads: int = 0) -> dict[str, s
     return config
 
 
-def check_request(
-    export_dir: Path, name: str, precision: str | None, device: str
-) -> tuple[mf.Manifest, str, str, Any]:
+def check_request(export_dir: Path, name: str, precision: str | None, device: str) -> tuple[mf.Manifest, str, str, Any]:
     """Everything refused before any conversion: the export's manifest, target folder, device, precision;
     then the hashes of the export's files."""
     manifest = mf.Manifest.load(export_dir, verify=False)

@@ -52,13 +52,11 @@ class BuildOptions:
             )
         if self.hardware_compat not in HARDWARE_COMPAT:
             raise UsageError(
-                f"hardware compatibility must be one of {', '.join(HARDWARE_COMPAT)}, "
-                f"got {self.hardware_compat!r}"
+                f"hardware compatibility must be one of {', '.join(HARDWARE_COMPAT)}, got {self.hardware_compat!r}"
             )
         if self.exclude_lean_runtime and not self.version_compatible:
             raise UsageError(
-                "excluding the lean runtime only applies to version-compatible plans: "
-                "add --version-compatible"
+                "excluding the lean runtime only applies to version-compatible plans: add --version-compatible"
             )
         self.dynamic = dict(self.dynamic)
         for key, value in self.dynamic.items():
@@ -148,9 +146,7 @@ def apply_settings(trt: Any, builder: Any, config: Any, settings: BuilderSetting
         config.set_flag(getattr(trt.BuilderFlag, name))
     for pool, size in settings.memory_pool_limits.items():
         config.set_memory_pool_limit(getattr(trt.MemoryPoolType, pool), size)
-    config.hardware_compatibility_level = getattr(
-        trt.HardwareCompatibilityLevel, settings.hardware_compatibility_level
-    )
+    config.hardware_compatibility_level = getattr(trt.HardwareCompatibilityLevel, settings.hardware_compatibility_level)
     config.builder_optimization_level = settings.builder_optimization_level
     if settings.timing_cache is not None:
         path = Path(settings.timing_cache)
@@ -176,9 +172,7 @@ def parse_range(text: str) -> tuple[str, tuple[int, int]]:
     key, sep, span = text.partition("=")
     lo, colon, hi = span.partition(":")
     if not sep or not colon or not lo.strip().isdigit() or not hi.strip().isdigit():
-        raise UsageError(
-            f"--dynamic takes NAME=MIN:MAX with NAME one of {', '.join(RANGE_KEYS)}, got {text!r}"
-        )
+        raise UsageError(f"--dynamic takes NAME=MIN:MAX with NAME one of {', '.join(RANGE_KEYS)}, got {text!r}")
     return key.strip(), (int(lo), int(hi))
 
 

@@ -46,9 +46,7 @@ def graph_batch(graph_key: str, batch: int, manifest: mf.Manifest | None = None)
     return manifest.encoder_batch(batch) if manifest is not None else 2 * batch
 
 
-def dim_value(
-    manifest: mf.Manifest, graph_key: str, dim: int | str, batch: int, lat_h: int, lat_w: int
-) -> int:
+def dim_value(manifest: mf.Manifest, graph_key: str, dim: int | str, batch: int, lat_h: int, lat_w: int) -> int:
     """The number a (possibly symbolic) dimension takes for one batch and latent size."""
     if isinstance(dim, int):
         return dim
@@ -94,9 +92,7 @@ def _check_batch(batch: int) -> None:
 def _check_ranges(ranges: Mapping[str, tuple[int, int]], opt: Mapping[str, int]) -> None:
     unknown = sorted(set(ranges) - set(RANGE_KEYS))
     if unknown:
-        raise UsageError(
-            f"dynamic ranges are given for {', '.join(RANGE_KEYS)}; unknown: {', '.join(unknown)}"
-        )
+        raise UsageError(f"dynamic ranges are given for {', '.join(RANGE_KEYS)}; unknown: {', '.join(unknown)}")
     for key, (lo, hi) in ranges.items():
         if lo > hi:
             raise UsageError(f"dynamic {key} range {lo}:{hi} has min > max")
@@ -167,10 +163,7 @@ def all_profiles(
     graphs: tuple[str, ...] | None = None,
 ) -> dict[str, Profile]:
     """Profiles for every graph, computed before any build so a bad size fails before work starts."""
-    return {
-        key: profiles_for(manifest, key, batch, height, width, ranges)
-        for key in graphs or tuple(manifest.graphs)
-    }
+    return {key: profiles_for(manifest, key, batch, height, width, ranges) for key in graphs or tuple(manifest.graphs)}
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,7 @@ from ..families import (
     resolve_model,
     text_section,
 )
+from ..families.zoo import zoo_model
 from ..methods.variants import SCHEDULES, GraphVariant, variants_for
 from .graphs import (
     ExportOptions,
@@ -101,10 +102,9 @@ def check_request(req: ExportRequest) -> None:
     if arch is not None:
         _check_size(req, _multiple(arch["unet"], arch["vae"]))
         _check_pixels(req, arch["unet"]["sample_size"] * 2 ** (len(arch["vae"]["block_out_channels"]) - 1))
-    if req.model == "shapes":
-        from .shapes import DEFAULTS as SHAPES_DEFAULTS
-
-        _check_native(req, SHAPES_DEFAULTS["native_size"])
+    zoo = zoo_model(req.model) if req.model in PRESETS else None
+    if zoo is not None and "native_size" in zoo.DEFAULTS:
+        _check_native(req, zoo.DEFAULTS["native_size"])
 
 
 def _check_native(req: ExportRequest, native: list[int]) -> None:
@@ -156,10 +156,9 @@ def output_dir(req: ExportRequest) -> OutputDir:
     sources: list[str | Path | None] = [req.config, req.lcm_lora]
     if Path(req.model).expanduser().exists():
         sources.append(Path(req.model).expanduser())
-    if req.model == "shapes":
-        from .shapes import WEIGHTS
-
-        sources.append(WEIGHTS)
+    zoo = zoo_model(req.model) if req.model in PRESETS else None
+    if zoo is not None:
+        sources.append(zoo.WEIGHTS)
     return OutputDir(req.out, force=req.force, sources=sources)
 
 
@@ -274,9 +273,7 @@ def other_files(root: Path, graphs: dict[str, mf.GraphSpec]) -> dict[str, str]:
     return {rel: mf.sha256_file(root / rel) for rel in files if rel not in taken}
 
 
-def run_export(
-    req: ExportRequest, progress: Callable[[str], None] | None = None
-) -> tuple[mf.Manifest, list[Check]]:
+def run_export(req: ExportRequest, progress: Callable[[str], None] | None = None) -> tuple[mf.Manifest, list[Check]]:
     """Export ``req.model`` to ``req.out``; raises :class:`ExportError` (nothing written) on failure."""
     check_request(req)
 

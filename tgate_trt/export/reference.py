@@ -134,9 +134,7 @@ def tgate_reference(
     modules = {v.key: VariantUNet(pipe.unet, v, family) for v in variants}
     sites = {kind: [cache_tensor(kind, i) for i in range(len(attention_modules(pipe.unet, kind)))] for kind in KINDS}
     runner = _TorchRunner(modules)
-    steps = family_plan(
-        num_inference_steps, params, family, pipe.scheduler.order, len(pipe.scheduler.timesteps)
-    )
+    steps = family_plan(num_inference_steps, params, family, pipe.scheduler.order, len(pipe.scheduler.timesteps))
     try:
         latents = denoise(
             steps,

@@ -8,10 +8,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..contract.errors import UserError
 from .build import build_from_architecture, build_tiny
 from .presets import ARCHITECTURES, HUB_PRESETS, PRESETS
 from .schedulers import make_scheduler
 from .spec import ModelLoadError
+from .zoo import ZooModel, zoo_model
 
 REQUIRED_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
 SUPPORTED_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline", "LatentConsistencyModelPipeline")
@@ -132,17 +134,13 @@ def _load_single_file(path: Path, config: str | None) -> Any:
     return pipe
 
 
-def _load_shapes() -> SourceModel:
-    # The shipped model's weights are package data under export/shapes (with its trainer); only its loader,
-    # which uses nothing of export, is read here.
-    from ..export import shapes
-
+def _load_zoo(name: str, model: ZooModel) -> SourceModel:
     try:
-        pipe, record = shapes.load(), shapes.verify()
-    except shapes.ShapesWeightsError as exc:
+        pipe, record = model.load(), model.verify()
+    except UserError as exc:
         raise ModelLoadError(str(exc)) from exc
-    source = {**_source("shapes", "preset"), "weights_sha256": record["files"]}
-    return SourceModel(pipe, source, dict(shapes.DEFAULTS))
+    source = {**_source(name, "preset"), "weights_sha256": record["files"]}
+    return SourceModel(pipe, source, dict(model.DEFAULTS))
 
 
 def resolve_model(model: str, random_weights: bool = False, config: str | None = None) -> SourceModel:
@@ -156,8 +154,9 @@ def resolve_model(model: str, random_weights: bool = False, config: str | None =
         return SourceModel(build_tiny(), _source(model, "preset", True))
     if model in ARCHITECTURES and PRESETS.get(model, "") is None:  # tiny-* variants, built in-process
         return SourceModel(build_from_architecture(model), _source(model, "preset", True))
-    if model == "shapes":
-        return _load_shapes()
+    zoo = zoo_model(model) if "/" not in model and model in PRESETS else None
+    if zoo is not None:
+        return _load_zoo(model, zoo)
     if model in PRESETS:
         hub_id = PRESETS[model]
         assert hub_id is not None

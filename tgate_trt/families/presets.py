@@ -188,7 +188,7 @@ HUB_PRESETS: dict[str, str] = {
     "lcm-sdxl": "latent-consistency/lcm-sdxl",  # the distilled UNet; the rest is SDXL base
 }
 # Every --model preset: a hub id, or None when built in-process (tiny*) or shipped in the package (shapes,
-# trained by this project: tgate_trt/export/shapes).
+# trained by this project: tgate_trt/zoo/shapes).
 PRESETS: dict[str, str | None] = {
     "tiny": None,
     "shapes": None,

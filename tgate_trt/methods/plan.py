@@ -118,8 +118,12 @@ def plan(
             cached[kind] = i if action == "capture" else cached[kind] if action == "replay" else None
             actions[kind] = action
         raw.append((on, actions, keep))
-    replayed = {(kind, _source(raw, i, kind)) for i, (_, actions, _) in enumerate(raw) for kind in KINDS
-                if actions[kind] == "replay"}
+    replayed = {
+        (kind, _source(raw, i, kind))
+        for i, (_, actions, _) in enumerate(raw)
+        for kind in KINDS
+        if actions[kind] == "replay"
+    }
     out = []
     for i, (on, actions, keep) in enumerate(raw):
         replay = frozenset(k for k in KINDS if actions[k] == "replay")
@@ -129,8 +133,9 @@ def plan(
     return out
 
 
-def family_plan(steps: int, params: TGateParams, family: mf.ModelFamily, scheduler_order: int = 1,
-                num_timesteps: int | None = None) -> list[Step]:
+def family_plan(
+    steps: int, params: TGateParams, family: mf.ModelFamily, scheduler_order: int = 1, num_timesteps: int | None = None
+) -> list[Step]:
     """:func:`plan` with a model family's loop rules: CFG or guidance-free, and whether the family's loader
     clamps the warm-up offset (:attr:`~tgate_trt.families.FamilySpec.clamp_warmup`: SDXL's, not SD's)."""
     clamp = family_spec(family).clamp_warmup

@@ -61,9 +61,7 @@ def check_prompt_text(prompts: list[str], negatives: list[str] | None, family: m
     if any(not p.strip() for p in prompts):
         raise UsageError("prompt is empty: pass a text describing the image")
     if negatives is not None and not family.cfg:
-        raise UsageError(
-            f"this export is guidance-free ({family.family}: no CFG), so a negative_prompt has no effect"
-        )
+        raise UsageError(f"this export is guidance-free ({family.family}: no CFG), so a negative_prompt has no effect")
     if negatives is not None and len(negatives) != len(prompts):
         raise UsageError(f"negative_prompt has {len(negatives)} entries for {len(prompts)} prompts")
 
@@ -180,9 +178,7 @@ class TGatePipeline:
         if isinstance(fixed_b, int) and fixed_b != batch:
             raise UsageError(f"these graphs take batch {fixed_b}, got {batch} prompts")
         if isinstance(fixed_h, int) and (fixed_h * factor, fixed_w * factor) != (height, width):
-            raise UsageError(
-                f"these graphs take {fixed_h * factor}x{fixed_w * factor} images, got {height}x{width}"
-            )
+            raise UsageError(f"these graphs take {fixed_h * factor}x{fixed_w * factor} images, got {height}x{width}")
 
     def params(
         self, gate_step: int, sp_interval: int | None = None, fi_interval: int | None = None, warm_up: int | None = None

@@ -134,8 +134,7 @@ def check_plan(
     plans = section.get("plans", {})
     if key not in plans:
         raise PlanMismatch(
-            f"the engines section has no plan for {key} (it has {', '.join(plans) or 'none'}): "
-            "rebuild with tgate-build"
+            f"the engines section has no plan for {key} (it has {', '.join(plans) or 'none'}): rebuild with tgate-build"
         )
     expected = plans[key]["sha256"]
     if plan_sha256 != expected:
@@ -350,9 +349,7 @@ def refit_from_onnx(trt_mod: Any, engine: trt.ICudaEngine, onnx_path: Path, logg
     refitter = trt_mod.Refitter(engine, logger)
     parser = trt_mod.OnnxParserRefitter(refitter, logger)
     if not parser.refit_from_file(str(onnx_path)) or not refitter.refit_cuda_engine():
-        raise RuntimeError(
-            f"could not refit {onnx_path} into its weight-stripped plan: rebuild with tgate-build"
-        )
+        raise RuntimeError(f"could not refit {onnx_path} into its weight-stripped plan: rebuild with tgate-build")
 
 
 def load_engines(
@@ -398,12 +395,8 @@ def load_engines(
         )
         engine = runtime.deserialize_cuda_engine(data)
         if engine is None:
-            raise PlanMismatch(
-                f"TensorRT could not deserialize {folder / plan['file']}: rebuild with tgate-build"
-            )
+            raise PlanMismatch(f"TensorRT could not deserialize {folder / plan['file']}: rebuild with tgate-build")
         if section["settings"]["refit_from_onnx"]:
             refit_from_onnx(trt_mod, engine, root / plan["onnx"], logger)
-        engines[key] = TrtEngine(
-            key, manifest.graphs[key], engine, shared, stream, cuda_graphs and section["static"]
-        )
+        engines[key] = TrtEngine(key, manifest.graphs[key], engine, shared, stream, cuda_graphs and section["static"])
     return engines

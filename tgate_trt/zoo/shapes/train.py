@@ -489,7 +489,7 @@ MAX_TRAIN_STEPS = 10_000_000
 
 
 @command("train_shapes")
-def main(argv: Sequence[str], script: str = "python -m tgate_trt.export.shapes.train") -> int:
+def main(argv: Sequence[str], script: str = "python -m tgate_trt.zoo.shapes.train") -> int:
     """The training CLI; ``scripts/train_shapes.py`` runs it with ``script`` naming itself in the record.
 
     Exit 3: stopped at a checkpoint (``--stop-after``); the same command resumes.

@@ -25,7 +25,7 @@ from ..contract.cli import Parser, command
 from ..contract.errors import UsageError
 from ..methods.plan import KINDS
 from ..methods.variants import GraphVariant
-from ..runtime.bench_report import ReportFiles, json_safe, write_json
+from .bench_report import ReportFiles, json_safe, write_json
 
 JSON_NAME, PNG_NAME = "convergence.json", "convergence.png"
 MAX_SIDE = 16384  # pixels per side refused before a model is loaded; the model's own cap applies after
@@ -127,11 +127,11 @@ def _curves(
     and outputs each ``kind`` output as the cache a gate would keep (CFG mean, or as-is without CFG)."""
     import torch
 
+    from ..export.reference import encode_conditioning
+    from ..export.tgate import VariantUNet, remove_tgate
     from ..families import detect_family
     from ..methods.plan import FULL, MEAN, Step
     from ..methods.sampler import denoise
-    from .reference import encode_conditioning
-    from .tgate import VariantUNet, remove_tgate
 
     family = detect_family(pipe)
     layout = MEAN if family.cfg else FULL

@@ -104,7 +104,7 @@ def openvino_problem(kind: str) -> str | None:
 
 
 def _ours(kind: str, args: argparse.Namespace) -> Callable[[], dict[str, float]]:
-    from .pipeline import TGatePipeline
+    from ..runtime.pipeline import TGatePipeline
 
     export = export_of(kind, args)
     if kind in OV_BUILDS:

@@ -25,13 +25,13 @@ from .. import manifest as mf
 from ..contract import limits
 from ..contract.cli import Parser, command
 from ..contract.errors import UsageError
-from ..export.shapes import data
-from ..export.shapes.judge import accuracy
 from ..methods.plan import TGateParams
+from ..zoo.shapes import data
+from ..zoo.shapes.judge import accuracy
 from .bench_report import ReportFiles, write_json
 
 if TYPE_CHECKING:
-    from .pipeline import TGatePipeline
+    from ..runtime.pipeline import TGatePipeline
 
 DEFAULT_GATES = (2, 3, 5, 8, 10, 15)
 MAX_SEEDS_PER_PROMPT = 100  # 7,500 images per run, every run's kept in memory for the grid
@@ -317,7 +317,7 @@ def check_args(args: argparse.Namespace) -> tuple[tuple[int, ...], tuple[TGatePa
 
 def _pipeline(export: Path, schedule: str, args: argparse.Namespace) -> TGatePipeline:
     """The shapes model's pipeline from ``export``, exported there first when missing (and kept for the next run)."""
-    from .pipeline import TGatePipeline
+    from ..runtime.pipeline import TGatePipeline
 
     if not (export / mf.MANIFEST_NAME).is_file():
         from ..export.exporter import ExportRequest, run_export

@@ -246,7 +246,7 @@ def mac_ratio(args: argparse.Namespace, v2: bool = False) -> tuple[float, str]:
     export's graphs as ``tgate-macs`` does; off ``--model``'s architecture if the graphs can't be counted."""
     if args.mac_ratio is not None and not v2:
         return args.mac_ratio, "--mac-ratio"
-    from ..export import macs
+    from . import macs
 
     plan = {"schedule": "v2", **v2_params(args)} if v2 else {"schedule": "v1"}
     what = f"the V2 plan ({'/'.join(str(v) for v in plan.values() if isinstance(v, int))}) " if v2 else ""

@@ -254,8 +254,8 @@ def architecture_graph_macs(
     replayed caches captured by its source variant, as the exporter makes its examples), the VAE decoder."""
     import torch
 
-    from .graphs import ExportOptions, unet_example, variant_feeds
-    from .tgate import VariantUNet, remove_tgate
+    from ..export.graphs import ExportOptions, unet_example, variant_feeds
+    from ..export.tgate import VariantUNet, remove_tgate
 
     pipe, family = arch.pipe, arch.family
     example = {
