@@ -110,11 +110,11 @@ def test_single_prompt_gate_marker_and_batching(tmp_path: Path) -> None:
     [
         (["--prompts", "{empty}"], "has no prompts"),
         (["--prompts", "{missing}"], "does not exist"),
-        (["--prompt", "x", "--steps", "1"], "--steps must be in 2.."),
+        (["--prompt", "x", "--steps", "1"], "--steps must be an integer in 2.."),
         (["--prompt", "x", "--threshold", "0"], "--threshold must be a positive number"),
         (["--prompt", "x", "--threshold", "-0.1"], "--threshold must be a positive number"),
         (["--prompt", "x", "--threshold", "nan"], "--threshold must be a positive number"),
-        (["--prompt", "x", "--steps", "5", "--gate", "0"], "--gate must be in 1..5"),
+        (["--prompt", "x", "--steps", "5", "--gate", "0"], "--gate must be an integer in 1..5"),
         (["--prompt", "   "], "--prompt is empty"),
         (["--model", "nope", "--prompt", "x"], "unknown model"),
     ],
@@ -143,7 +143,7 @@ def test_cli_usage_errors_exit_2(tmp_path: Path) -> None:
         capture_output=True,
         text=True,
     )
-    assert proc.returncode == 2 and "tgate-analyze: error: --steps must be in 2.." in proc.stderr
+    assert proc.returncode == 2 and "tgate-analyze: error: --steps must be an integer in 2.." in proc.stderr
 
 
 def _diffusers_curves(name: str, kind: str, prompts: list[str], steps: int) -> dict[str, list[float]]:

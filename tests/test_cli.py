@@ -48,7 +48,7 @@ def test_folder_that_is_not_a_pipeline(capsys, tmp_path: Path) -> None:
         (["--dtype", "fp8"], "--dtype must be one of fp32, fp16"),
         (["--opset", "12"], "--opset must be between 18 and 20"),
         (["--height", "70"], "--height must be a multiple of 16"),
-        (["--width", "-64"], "--width must be positive"),
+        (["--width", "-64"], "--width must be an integer >= 1"),
     ],
 )
 def test_bad_options(capsys, tmp_path: Path, args: list[str], message: str) -> None:

@@ -155,8 +155,8 @@ def test_cli_saves_final_latents(tiny_export: Path, tmp_path: Path) -> None:
     ("args", "message"),
     [
         (["", "--out", "x.png"], "prompt is empty"),
-        (["a", "--gate", "0"], "gate_step must be an integer >= 1"),
-        (["a", "--steps", "-1"], "num_inference_steps must be an integer"),
+        (["a", "--gate", "0"], "--gate must be an integer >= 1"),
+        (["a", "--steps", "-1"], "--steps must be an integer"),
         (["a", "--width", "100"], "multiples of 16"),
         (["a", "--batch", "0"], "batch (number of prompts) must be an integer in 1.."),
         (["a", "--out", "x.jpg"], "--out must be a .png"),

@@ -530,14 +530,14 @@ BAD_CLI: dict[str, tuple[Callable[[Path], None] | None, list[str], str]] = {
     "--name with a slash": (None, ["{export}", "--repo", "{tmp}/repo", "--name", "a/b"], "plain folder name"),
     "--kind cpu --backend trt": (None, ["{export}", "--repo", "{tmp}/repo", "--backend", "trt"], "--kind gpu"),
     "--instances 0": (None, ["{export}", "--repo", "{tmp}/repo", "--instances", "0"], "--instances must be >= 1"),
-    "--threads -1": (None, ["{export}", "--repo", "{tmp}/repo", "--threads", "-1"], "--threads must be >= 0"),
+    "--threads -1": (None, ["{export}", "--repo", "{tmp}/repo", "--threads", "-1"], "must be an integer in 0..1024"),
     "--max-steps 3 (below the default steps)": (
         None,
         ["{export}", "--repo", "{tmp}/repo", "--max-steps", "3"],
         "max_steps",
     ),
     "--max-steps 1001": (None, ["{export}", "--repo", "{tmp}/repo", "--max-steps", "1001"], "in 1..1000"),
-    "--gate 0": (None, ["{export}", "--repo", "{tmp}/repo", "--gate", "0"], "gate_step must be an integer >= 1"),
+    "--gate 0": (None, ["{export}", "--repo", "{tmp}/repo", "--gate", "0"], "--gate must be an integer >= 1"),
     "--guidance nan": (None, ["{export}", "--repo", "{tmp}/repo", "--guidance", "nan"], "finite number in 0..100"),
     "--max-pixels 0": (None, ["{export}", "--repo", "{tmp}/repo", "--max-pixels", "0"], "--max-pixels must be"),
     "--max-pixels below the default size": (

@@ -157,4 +157,4 @@ def test_cli_v2_flags(v2_export: Callable[[str], Path], tmp_path: Path) -> None:
         capture_output=True,
         text=True,
     )
-    assert bad.returncode == 2 and "sp_interval must be an integer" in bad.stderr
+    assert bad.returncode == 2 and "--sp-interval must be an integer" in bad.stderr

@@ -1,7 +1,9 @@
 """``tgate SUBCOMMAND ...``: every tool behind one command; ``tgate-export`` and friends stay as aliases.
 
-Each subcommand is the stage's own CLI (its parser, its argument groups, its one-line errors), so
-``tgate run ...`` and ``tgate-run ...`` accept exactly the same arguments and behave the same.
+Each subcommand is the stage's own CLI (its parser, its one-line errors), so ``tgate run ...`` and
+``tgate-run ...`` accept exactly the same arguments and behave the same. The options several tools share
+come from the argument groups of :mod:`tgate_trt.contract.args` (one definition, one check each), which
+``tgate --help`` lists.
 """
 
 from __future__ import annotations
@@ -9,6 +11,8 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Sequence
+
+from ..contract.args import GROUPS
 
 # subcommand -> (module, function, one-line summary); the alias is ``tgate-<subcommand>``
 COMMANDS: dict[str, tuple[str, str, str]] = {
@@ -29,6 +33,9 @@ def usage() -> str:
     lines = ["usage: tgate SUBCOMMAND [ARGS...]   (tgate SUBCOMMAND --help for its arguments)", "", "subcommands:"]
     lines += [f"  {name:<{width}}  {summary}" for name, (_, _, summary) in COMMANDS.items()]
     lines += ["", "Each is also installed as tgate-SUBCOMMAND (tgate-triton for serve)."]
+    lines += ["", "argument groups shared by the subcommands (the same options, defaults per tool, the same checks):"]
+    width = max(len(group.title) for group in GROUPS)
+    lines += [f"  {group.title:<{width}}  {' '.join(group.flags)}" for group in GROUPS]
     return "\n".join(lines)
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from .. import manifest as mf
 from ..contract import limits
+from ..contract.args import BackendArgs, OutputArgs, SizeArgs, parse
 from ..contract.cli import Parser, command
 from ..contract.errors import UsageError
 from ..contract.files import check_output_folder, writer_lock
@@ -23,6 +24,16 @@ from .profiles import all_profiles
 TARGETS = ("tensorrt", "openvino")
 
 
+OUTPUT = OutputArgs(
+    out=None,
+    out_help="where engines go (default: EXPORT_DIR/engines for TensorRT, EXPORT_DIR/openvino for OpenVINO, "
+    "which must be a folder directly inside EXPORT_DIR)",
+)
+THREADS = BackendArgs(threads_zero="every core allowed")  # OpenVINO's inference threads
+SIZE = SizeArgs(max_pixels=False)  # TensorRT's profile size; the export's cap applies
+GROUPS = (OUTPUT, THREADS, SIZE)
+
+
 def build_parser() -> Parser:
     p = Parser(
         prog="tgate-build",
@@ -31,13 +42,7 @@ def build_parser() -> Parser:
     )
     p.add_argument("export_dir", type=Path, help="folder written by tgate-export")
     p.add_argument("--target", default="tensorrt", choices=TARGETS, help="engine kind (default: tensorrt)")
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=None,
-        help="where engines go (default: EXPORT_DIR/engines for TensorRT, EXPORT_DIR/openvino for OpenVINO, "
-        "which must be a folder directly inside EXPORT_DIR)",
-    )
+    OUTPUT.add_to(p)
     ov = p.add_argument_group("OpenVINO (--target openvino)")
     ov.add_argument(
         "--precision",
@@ -47,11 +52,10 @@ def build_parser() -> Parser:
         "default: bf16 where the CPU has it, else f32; f16 on GPU",
     )
     ov.add_argument("--device", default="CPU", choices=OV_DEVICES, help="OpenVINO device (default: CPU)")
-    ov.add_argument("--threads", type=int, default=0, help="inference threads (default: 0 = every core allowed)")
+    THREADS.add_to(ov)
     trt = p.add_argument_group("TensorRT (--target tensorrt)")
     trt.add_argument("--batch", type=int, default=1, help="images per prompt (optimal batch)")
-    trt.add_argument("--height", type=int, default=None, help="image height (default: the export's)")
-    trt.add_argument("--width", type=int, default=None, help="image width (default: the export's)")
+    SIZE.add_to(trt)
     trt.add_argument("--fp16", action="store_true", help="fp16 kernels (FP16 flag on fp32 exports)")
     trt.add_argument(
         "--strongly-typed",
@@ -88,7 +92,6 @@ def _openvino(args: argparse.Namespace) -> int:
         raise UsageError(
             f"--out for OpenVINO must be a folder directly inside {export} (the manifest names it), got {out}"
         )
-    limits.check_threads(args.threads, "--threads", " (0: every core allowed)")
     section = build_openvino(export, out.name, args.precision, args.device, args.threads)
     print(format_validation(section["validation"]["rows"]))
     size = sum((export / rel).stat().st_size for g in section["graphs"].values() for rel in g["files"]) / 2**20
@@ -103,7 +106,7 @@ def _openvino(args: argparse.Namespace) -> int:
 
 @command("tgate-build")
 def main(argv: Sequence[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser().parse_args(argv), *GROUPS)
     if args.target == "openvino":
         return _openvino(args)
     # cheap checks first: numbers, options, the manifest's schema, sizes, --out; then TensorRT; then hashes

@@ -9,6 +9,7 @@ from typing import Protocol
 
 from tqdm import tqdm
 
+from ..contract.args import OutputArgs, SizeArgs, parse
 from ..contract.cli import Parser, command
 from ..contract.errors import UsageError
 from ..families import PRESETS
@@ -27,6 +28,15 @@ class EnginesHook(Protocol):
         """Build engines for a finished export; returns an exit code."""
 
 
+SIZE = SizeArgs(
+    max_pixels=False,
+    unset="the model's native size",
+    context="traced and validated at",
+)
+OUTPUT = OutputArgs.folder("export folder (created atomically)")
+GROUPS = (SIZE, OUTPUT)
+
+
 def build_parser() -> Parser:
     p = Parser(
         prog="tgate-export",
@@ -38,11 +48,8 @@ def build_parser() -> Parser:
         required=True,
         help=f"preset ({', '.join(PRESETS)}), local diffusers folder, .safetensors/.ckpt file, or hub id",
     )
-    p.add_argument("--out", required=True, type=Path, help="export folder (created atomically)")
     p.add_argument("--dtype", default="fp32", help=f"{' | '.join(DTYPES)} (fp16 for GPU targets)")
     p.add_argument("--opset", type=int, default=18, help=f"ONNX opset, {MIN_OPSET}..{MAX_OPSET}")
-    p.add_argument("--height", type=int, help="image height used for tracing and validation")
-    p.add_argument("--width", type=int, help="image width used for tracing and validation")
     p.add_argument("--random-weights", action="store_true", help="build a preset's architecture with random weights")
     p.add_argument("--config", help="local diffusers folder with configs + tokenizer for a single-file checkpoint")
     p.add_argument(
@@ -55,18 +62,15 @@ def build_parser() -> Parser:
         help="v1: cross-attention cached (pre/post-gate graphs); v2: self-attention cached on a schedule too "
         "(the authors' default; five UNet graph variants)",
     )
-    p.add_argument(
-        "--force",
-        action="store_true",
-        help="replace --out if it is a previous output of tgate-trt (never other folders)",
-    )
     p.add_argument("--engines", action="store_true", help="then build TensorRT engines into OUT/engines (GPU host)")
+    for group in GROUPS:
+        group.add_to(p)
     return p
 
 
 @command("tgate-export")
 def main(argv: Sequence[str], engines: EnginesHook | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser().parse_args(argv), *GROUPS)
     if args.engines:
         problem = "--engines needs the tgate-export command (the engines stage)" if engines is None else None
         problem = problem or (engines.check() if engines else None)

@@ -23,6 +23,7 @@ import numpy as np
 
 from .. import manifest as mf
 from ..contract import limits
+from ..contract.args import OutputArgs, parse
 from ..contract.cli import Parser, command
 from ..contract.errors import UserError
 from ..contract.files import OutputDir
@@ -141,14 +142,20 @@ def quantize_export(
     return result, errors
 
 
-@command("tgate-quantize")
-def main(argv: Sequence[str]) -> int:
+OUTPUT = OutputArgs.folder("folder for the int8 copy")
+
+
+def build_parser() -> Parser:
     ap = Parser(prog="tgate-quantize", description=__doc__.splitlines()[0])
     ap.add_argument("export", type=Path, help="an fp32 tgate-export folder")
-    ap.add_argument("--out", type=Path, required=True, help="folder for the int8 copy")
-    ap.add_argument("--force", action="store_true", help="replace a non-empty --out folder")
     ap.add_argument("--tolerance", type=float, default=DEFAULT_TOLERANCE, help="largest relative L2 error allowed")
-    args = ap.parse_args(argv)
+    OUTPUT.add_to(ap)
+    return ap
+
+
+@command("tgate-quantize")
+def main(argv: Sequence[str]) -> int:
+    args = parse(build_parser().parse_args(argv), OUTPUT)
     manifest, errors = quantize_export(args.export, args.out, args.force, args.tolerance)
     for key, errs in errors.items():
         spec = manifest.graphs[key]

@@ -11,6 +11,7 @@ from tqdm import tqdm
 
 from .. import manifest as mf
 from ..contract import limits
+from ..contract.args import BackendArgs, OutputArgs, SamplingArgs, ScheduleArgs, SizeArgs, parse
 from ..contract.cli import Parser, command
 from ..contract.errors import UsageError
 from ..contract.files import atomic_save, check_output_file
@@ -19,7 +20,6 @@ from ..methods.variants import schedule_of
 from .conditioning import count_tokens, load_tokenizer
 from .pipeline import (
     BACKENDS,
-    MAX_STEPS,
     SCHEDULERS,
     TGatePipeline,
     check_prompt_text,
@@ -30,60 +30,23 @@ from .pipeline import (
 DEFAULT_OUT = Path("out", "image.png")  # out/ (made when missing) in the current folder: never a tracked file
 
 
+SAMPLING = SamplingArgs(steps=None, gate=None, guidance=None, seed=0)
+SIZE = SizeArgs()
+SCHEDULE = ScheduleArgs(context="an export made with --schedule v2")
+BACKEND = BackendArgs(backends=BACKENDS, engines=None)
+OUTPUT = OutputArgs(
+    out=DEFAULT_OUT, out_help="PNG path (index added for batch > 1); an existing file is replaced, with a note"
+)
+GROUPS = (SAMPLING, SIZE, SCHEDULE, BACKEND, OUTPUT)
+
+
 def build_parser() -> Parser:
     p = Parser(prog="tgate-run", description="Run the T-GATE pipeline on an export folder.")
     p.add_argument("export_dir", type=Path, help="folder written by tgate-export")
     p.add_argument("prompt", help="what to draw")
     p.add_argument("--negative", default=None, help="negative prompt")
-    p.add_argument("--steps", type=int, default=None, help=f"denoising steps, 1..{MAX_STEPS} (default: the export's)")
-    p.add_argument("--gate", type=int, default=None, help="gate step (>= steps: no gating; default: the export's)")
-    p.add_argument(
-        "--guidance",
-        type=float,
-        default=None,
-        help="guidance scale, 0..100 (CFG weight, or LCM's embedded guidance; default: the export's)",
-    )
-    p.add_argument("--height", type=int, default=None, help="image height in pixels (default: the export's)")
-    p.add_argument("--width", type=int, default=None, help="image width in pixels (default: the export's)")
-    p.add_argument(
-        "--max-pixels",
-        type=int,
-        default=None,
-        help="cap on height*width (default: the export's, 4x its native size; a memory budget)",
-    )
-    v2 = p.add_argument_group("T-GATE V2: self-attention cached on a schedule (export with --schedule v2)")
-    v2.add_argument(
-        "--sp-interval",
-        type=int,
-        default=None,
-        help="before the gate, recompute self-attention every N steps (1: always; default: the export's, 5 for V2)",
-    )
-    v2.add_argument(
-        "--fi-interval",
-        type=int,
-        default=None,
-        help="after the gate, recompute self-attention every N steps (1: always; default: the export's)",
-    )
-    v2.add_argument(
-        "--warm-up", type=int, default=None, help="steps before self-attention caching starts (default: the export's)"
-    )
     p.add_argument("--batch", type=int, default=1, help="images per prompt")
-    p.add_argument("--seed", type=int, default=0, help="noise seed, 0..2**63-1 (same seed, same image)")
     p.add_argument("--scheduler", default=None, choices=SCHEDULERS, help="default: the export's own (else ddim)")
-    p.add_argument(
-        "--backend",
-        default="ort",
-        choices=BACKENDS,
-        help="ort (ONNX Runtime, default), openvino (needs tgate-build --target openvino) or trt (TensorRT)",
-    )
-    p.add_argument("--engines", default=None, help="OpenVINO build folder inside the export (default: openvino)")
-    p.add_argument("--threads", type=int, default=0, help="intra-op threads (default: 0 = the backend's choice)")
-    p.add_argument(
-        "--out",
-        type=Path,
-        default=DEFAULT_OUT,
-        help="PNG path (index added for batch > 1); an existing file is replaced, with a note",
-    )
     p.add_argument(
         "--save-latents",
         type=Path,
@@ -91,6 +54,8 @@ def build_parser() -> Parser:
         metavar="FILE.npy",
         help="also write the final latents (before the VAE, float32 [B,C,h,w]) so runs can be compared exactly",
     )
+    for group in GROUPS:
+        group.add_to(p)
     return p
 
 
@@ -101,15 +66,9 @@ def image_paths(out: Path, batch: int) -> list[Path]:
 
 @command("tgate-run")
 def main(argv: Sequence[str]) -> int:
-    args = build_parser().parse_args(argv)
+    args = parse(build_parser().parse_args(argv), *GROUPS)
     # cheap checks first (milliseconds), then the manifest's schema, then hashes and loading
     limits.check_batch(args.batch)
-    limits.check_seed(args.seed)
-    limits.check_threads(args.threads, "--threads")
-    if args.engines is not None and args.backend != "openvino":
-        raise UsageError("--engines names an OpenVINO build: use it with --backend openvino")
-    if args.max_pixels is not None:
-        limits.check_int("--max-pixels", args.max_pixels, 1)
     for path in dict.fromkeys([args.out, *image_paths(args.out, args.batch)]):
         check_output_file(path, (".png",), create=args.out == DEFAULT_OUT)
     if args.save_latents is not None:
@@ -121,8 +80,6 @@ def main(argv: Sequence[str]) -> int:
     args.guidance = defaults["guidance_scale"] if args.guidance is None else args.guidance
     h = defaults["height"] if args.height is None else args.height
     w = defaults["width"] if args.width is None else args.width
-    mf.check_gate(args.steps, args.gate)
-    limits.check_guidance(args.guidance)
     params = TGateParams(
         args.gate,
         defaults["sp_interval"] if args.sp_interval is None else args.sp_interval,

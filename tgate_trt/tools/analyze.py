@@ -21,6 +21,7 @@ from typing import Any
 
 from .. import manifest as mf
 from ..contract import limits
+from ..contract.args import OutputArgs, SamplingArgs, SizeArgs, parse
 from ..contract.cli import Parser, command
 from ..contract.errors import UsageError
 from ..methods.plan import KINDS
@@ -203,6 +204,30 @@ def plot(report: dict[str, Any], path: Path) -> None:
     fig.savefig(path, format="png")  # into the report's stage (ReportFiles), or with atomic_save
 
 
+SAMPLING = SamplingArgs(
+    steps=25,
+    min_steps=2,
+    steps_why=" (a change needs two steps)",
+    gate=None,
+    gate_upto_steps=True,
+    guidance=7.5,
+    guidance_flag="--guidance-scale",
+    seed=0,
+    help={
+        "gate": "gate step to mark on the plot, 1..--steps (default: the suggestion)",
+        "guidance_scale": "CFG guidance scale of the plain run, 0..100",
+        "seed": "noise seed, 0..2**63-1; prompt j uses seed + j",
+    },
+)
+SIZE = SizeArgs(
+    max_side=MAX_SIDE,
+    unset="the model's",
+    help={"max_pixels": "cap on height*width, a memory budget (default: 4x the model's native size)"},
+)
+OUTPUT = OutputArgs.report(Path("out/analyze"), (JSON_NAME, PNG_NAME))
+GROUPS = (SAMPLING, SIZE, OUTPUT)
+
+
 def build_parser() -> Parser:
     p = Parser(
         prog="tgate-analyze",
@@ -215,41 +240,23 @@ def build_parser() -> Parser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--prompts", type=Path, help="text file, one prompt per line (blank lines skipped)")
     src.add_argument("--prompt", help="a single prompt")
-    p.add_argument("--steps", type=int, default=25, help=f"denoising steps, 2..{limits.MAX_STEPS}")
     p.add_argument(
         "--kind", default="attn2", choices=KINDS, help="attention outputs recorded: attn2 (cross) or attn1 (self)"
     )
-    p.add_argument("--gate", type=int, help="gate step to mark on the plot (default: the suggestion)")
     p.add_argument("--threshold", type=float, default=0.05, help="mean relative change counted as converged")
-    p.add_argument("--seed", type=int, default=0, help="prompt j uses seed + j")
-    p.add_argument("--guidance-scale", type=float, default=7.5, help="CFG guidance scale of the plain run")
-    p.add_argument("--height", type=int, help="image height (default: the model's)")
-    p.add_argument("--width", type=int, help="image width (default: the model's)")
-    p.add_argument(
-        "--max-pixels", type=int, help="cap on height*width (default: 4x the model's native size; a memory budget)"
-    )
     p.add_argument("--batch-size", type=int, default=4, help=f"prompts per UNet batch, 1..{limits.MAX_BATCH}")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
-    p.add_argument("--out", type=Path, default=Path("out/analyze"), help=f"folder for {JSON_NAME} and {PNG_NAME}")
-    p.add_argument("--force", action="store_true", help=f"replace the {JSON_NAME} and {PNG_NAME} of an earlier run")
+    for group in GROUPS:
+        group.add_to(p)
     return p
 
 
 def _check_args(args: argparse.Namespace) -> list[str]:
     """The numbers and the prompts: everything that needs no model."""
-    if not 2 <= args.steps <= limits.MAX_STEPS:
-        raise UsageError(f"--steps must be in 2..{limits.MAX_STEPS} (a change needs two steps), got {args.steps}")
+    parse(args, SAMPLING, SIZE)
     if not (args.threshold > 0 and math.isfinite(args.threshold)):
         raise UsageError(f"--threshold must be a positive number, got {args.threshold}")
-    if args.gate is not None and not 1 <= args.gate <= args.steps:
-        raise UsageError(f"--gate must be in 1..{args.steps}, got {args.gate}")
     limits.check_int("--batch-size", args.batch_size, 1, limits.MAX_BATCH)
-    limits.check_float("--guidance-scale", args.guidance_scale, 0.0, limits.GUIDANCE_MAX)
-    for name, value in (("--height", args.height), ("--width", args.width)):
-        if value is not None:
-            limits.check_int(name, value, 1, MAX_SIDE)
-    if args.max_pixels is not None:
-        limits.check_int("--max-pixels", args.max_pixels, 1)
     if args.prompt is not None:
         if not args.prompt.strip():
             raise UsageError("--prompt is empty")

@@ -30,6 +30,7 @@ from typing import Any
 
 from .. import manifest as mf
 from ..contract import limits
+from ..contract.args import BackendArgs, OutputArgs, SamplingArgs, ScheduleArgs, SizeArgs, parse
 from ..contract.cli import Parser, command
 from ..contract.errors import UsageError
 from ..methods.plan import TGateParams
@@ -277,6 +278,21 @@ def choose_variants(args: argparse.Namespace) -> list[str]:
     return names
 
 
+SAMPLING = SamplingArgs(steps=25, gate=10, seed=0, help={"seed": "noise seed of every run, 0..2**63-1"})
+SIZE = SizeArgs(
+    side=256, help={"max_pixels": "cap on height*width for our rows (default: the export's, 4x its native size)"}
+)
+SCHEDULE = ScheduleArgs(
+    sp_interval=V2_DEFAULTS.sp_interval,
+    fi_interval=V2_DEFAULTS.fi_interval,
+    warm_up=V2_DEFAULTS.warm_up,
+    context="the V2 rows, gated at --gate",
+)
+BACKEND = BackendArgs(threads_zero="the library's default; OpenVINO: every core")
+OUTPUT = OutputArgs.report(Path("out/bench"), REPORT)
+GROUPS = (SAMPLING, SIZE, SCHEDULE, BACKEND, OUTPUT)
+
+
 def build_parser() -> Parser:
     ap = Parser(prog="tgate-bench", description=__doc__.splitlines()[0])
     ap.add_argument(
@@ -290,16 +306,7 @@ def build_parser() -> Parser:
     )
     ap.add_argument("--export", type=Path, required=True, help="export folder of the same model (tgate-export)")
     ap.add_argument("--prompt", default="a photograph of an astronaut riding a horse", help="prompt of every run")
-    ap.add_argument("--steps", type=int, default=25, help=f"denoising steps, 1..{limits.MAX_STEPS}")
-    ap.add_argument("--gate", type=int, default=10, help="gate step (>= --steps: no gating)")
-    ap.add_argument("--height", type=int, default=256, help="image height in pixels")
-    ap.add_argument("--width", type=int, default=256, help="image width in pixels")
-    ap.add_argument(
-        "--max-pixels", type=int, help="cap on height*width for our rows (default: the export's, 4x its native size)"
-    )
-    ap.add_argument("--seed", type=int, default=0, help="noise seed of every run")
     ap.add_argument("--runs", type=int, default=3, help=f"timed runs per variant after a warm-up, 1..{MAX_RUNS}")
-    ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: library default; OpenVINO: cores)")
     ap.add_argument(
         "--variants",
         help=f"comma-separated, from {','.join(VARIANTS)} (or letters only, e.g. cdeq); default: a,b,b16,c,d,e, "
@@ -329,27 +336,11 @@ def build_parser() -> Parser:
         help="--schedule v2 export of the same model, for the V2 rows (default: --export when it is one)",
     )
     ap.add_argument(
-        "--sp-interval", type=int, default=V2_DEFAULTS.sp_interval, help="V2 rows: attn1 recomputed every N steps"
-    )
-    ap.add_argument(
-        "--fi-interval",
-        type=int,
-        default=V2_DEFAULTS.fi_interval,
-        help="V2 rows: attn1 recomputed every N steps after the gate",
-    )
-    ap.add_argument(
-        "--warm-up", type=int, default=V2_DEFAULTS.warm_up, help="V2 rows: steps before attn1 caching starts"
-    )
-    ap.add_argument(
         "--mac-ratio", type=float, help="r = post/pre-gate MACs per step of V1, in (0, 1] (default: counted)"
     )
     ap.add_argument("--int8-export", type=Path, help="tgate-quantize copy of --export, for variant (q)")
-    ap.add_argument("--out", type=Path, default=Path("out/bench"), help=f"folder for {', '.join(REPORT)}")
-    ap.add_argument(
-        "--force",
-        action="store_true",
-        help=f"replace the {', '.join(REPORT)} of an earlier run (nothing else in --out)",
-    )
+    for group in GROUPS:
+        group.add_to(ap)
     return ap
 
 
@@ -358,31 +349,14 @@ def check_args(args: argparse.Namespace) -> tuple[mf.Manifest, ReportFiles]:
     then the export's manifest, the variants' builds, and last the export's hashes."""
     from .optimum_baseline import check_keep_folder
 
-    limits.check_steps(args.steps, name="--steps")
-    limits.check_int(
-        "--gate",
-        args.gate,
-        1,
-        None,
-        ": the cache comes from a step before the gate; use --gate >= --steps for no gating",
-    )
+    parse(args, *GROUPS)
     limits.check_int("--runs", args.runs, 1, MAX_RUNS)
-    limits.check_int("--seed", args.seed, 0, limits.SEED_MAX)
-    limits.check_int("--threads", args.threads, 0, None, " (0: the library's default)")
-    limits.check_int("--height", args.height, 1)
-    limits.check_int("--width", args.width, 1)
-    if args.max_pixels is not None:
-        limits.check_int("--max-pixels", args.max_pixels, 1)
     if args.mac_ratio is not None:
         limits.check_float("--mac-ratio", args.mac_ratio, 0.0, 1.0)
         if args.mac_ratio == 0:
             raise UsageError("--mac-ratio must be > 0 (post-gate MACs over pre-gate MACs per step)")
     if not args.prompt.strip():
         raise UsageError("--prompt is empty")
-    hint = " (1 recomputes self-attention every step)"
-    limits.check_int("--sp-interval", args.sp_interval, 1, limits.MAX_STEPS, hint)
-    limits.check_int("--fi-interval", args.fi_interval, 1, limits.MAX_STEPS, hint)
-    limits.check_int("--warm-up", args.warm_up, 0, limits.MAX_STEPS)
     if args.variants is not None:
         parse_variants(args.variants)
     report = ReportFiles(

@@ -23,6 +23,7 @@ import numpy as np
 
 from .. import manifest as mf
 from ..contract import limits
+from ..contract.args import BackendArgs, OutputArgs, SamplingArgs, parse
 from ..contract.cli import Parser, command
 from ..contract.errors import UsageError
 from ..methods.plan import TGateParams
@@ -230,6 +231,12 @@ def parse_gates(text: str, steps: int) -> tuple[int, ...]:
     return check_gates(steps, gates)
 
 
+SAMPLING = SamplingArgs(steps=25, guidance=None)
+BACKEND = BackendArgs(backends=("ort", "openvino"), engines=None)
+OUTPUT = OutputArgs.report(Path("out/eval"), REPORT)
+GROUPS = (SAMPLING, BACKEND, OUTPUT)
+
+
 def build_parser() -> Parser:
     ap = Parser(prog="tgate-eval", description=__doc__.splitlines()[0])
     ap.add_argument("--export", type=Path, help="export folder of the shapes model (default: export it to OUT/export)")
@@ -246,21 +253,12 @@ def build_parser() -> Parser:
         help=f"--schedule v2 export of the shapes model for the --v2 rows (default: --export when it is V2, else "
         f"export it to OUT/{V2_EXPORT})",
     )
-    ap.add_argument("--steps", type=int, default=25, help=f"denoising steps, 2..{limits.MAX_STEPS}")
-    ap.add_argument("--guidance", type=float, help="guidance scale (default: the export's)")
     ap.add_argument(
         "--seeds-per-prompt", type=int, default=2, help=f"75 prompts x this many seeds, 1..{MAX_SEEDS_PER_PROMPT}"
     )
     ap.add_argument("--batch", type=int, default=25, help=f"images per pipeline call, 1..{limits.MAX_BATCH}")
-    ap.add_argument("--threads", type=int, default=0, help="intra-op threads (0: the backend's choice)")
-    ap.add_argument("--backend", default="ort", choices=("ort", "openvino"), help="runtime backend")
-    ap.add_argument("--engines", default=None, help="with --backend openvino: build folder (default: openvino)")
-    ap.add_argument("--out", type=Path, default=Path("out/eval"), help=f"folder for {', '.join(REPORT)}")
-    ap.add_argument(
-        "--force",
-        action="store_true",
-        help=f"replace the {', '.join(REPORT)} of an earlier run (nothing else in --out)",
-    )
+    for group in GROUPS:
+        group.add_to(ap)
     return ap
 
 
@@ -279,15 +277,12 @@ def _check_export(folder: Path, made: str, schedule: str | None = None) -> mf.Ma
 
 def check_args(args: argparse.Namespace) -> tuple[tuple[int, ...], tuple[TGateParams, ...], ReportFiles]:
     """Everything that can be refused before an export is made or loaded; fills in ``args.v2_export``."""
+    parse(args, SAMPLING)
     gates = parse_gates(args.gates, args.steps)
     v2 = parse_v2(args.v2, args.steps)
-    if args.guidance is not None:
-        limits.check_float("--guidance", args.guidance, 0.0, limits.GUIDANCE_MAX)
     limits.check_int("--seeds-per-prompt", args.seeds_per_prompt, 1, MAX_SEEDS_PER_PROMPT)
     limits.check_int("--batch", args.batch, 1, limits.MAX_BATCH)
-    limits.check_int("--threads", args.threads, 0, None, " (0: the backend's choice)")
-    if args.engines is not None and args.backend != "openvino":
-        raise UsageError("--engines names an OpenVINO build: use it with --backend openvino")
+    parse(args, BACKEND, OUTPUT)
     if args.v2_export is not None and not v2:
         raise UsageError("--v2-export is the export of the --v2 rows: name them with --v2 G/SP/FI/WU")
     sources = [args.export, args.v2_export]

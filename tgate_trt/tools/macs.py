@@ -14,6 +14,7 @@ same way; the baseline is the plain CFG run (every step computes every attention
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from collections.abc import Sequence
@@ -26,6 +27,7 @@ import numpy as np
 
 from .. import manifest as mf
 from ..contract import limits
+from ..contract.args import SamplingArgs, ScheduleArgs, SizeArgs, parse
 from ..contract.cli import Parser, command
 from ..contract.errors import UsageError
 from ..contract.files import atomic_write_json, check_output_file
@@ -405,6 +407,14 @@ class RunMacs:
 
 
 # --- requests ---------------------------------------------------------------------------------------------
+SAMPLING = SamplingArgs(steps=25, gate=10)
+SCHEDULE = ScheduleArgs(
+    unset="the export's, else the authors' V2 default",
+    context="with --schedule v2, which any of these implies with --model",
+)
+SIZE = SizeArgs(unset="the export's, or the model's native")
+
+
 def resolve_params(
     gate_step: int,
     schedule: str | None,
@@ -432,21 +442,14 @@ def resolve_params(
 
 
 def _check_numbers(steps: int, gate_step: int, batch: int, sizes: Sequence[int | None]) -> None:
-    limits.check_steps(steps, name="--steps")
-    limits.check_int("--gate", gate_step, 1, None, ": the cache comes from a step before the gate")
+    """The CLI's checks, for the API's arguments too: one message per bad value, wherever it comes from."""
+    parse(argparse.Namespace(steps=steps, gate=gate_step), SAMPLING)
     limits.check_int("--batch", batch, 1, limits.MAX_BATCH)
-    for name, value in zip(("--height", "--width", "--max-pixels"), sizes, strict=True):
-        if value is not None:
-            limits.check_int(name, value, 1)
+    parse(argparse.Namespace(**dict(zip(("height", "width", "max_pixels"), sizes, strict=True))), SIZE)
 
 
 def _check_params(params_in: dict[str, int | None]) -> None:
-    hint = " (1 recomputes self-attention every step)"
-    for name in ("sp_interval", "fi_interval"):
-        if params_in.get(name) is not None:
-            limits.check_int(f"--{name.replace('_', '-')}", params_in[name], 1, limits.MAX_STEPS, hint)
-    if params_in.get("warm_up") is not None:
-        limits.check_int("--warm-up", params_in["warm_up"], 0, limits.MAX_STEPS)
+    parse(argparse.Namespace(**params_in), SCHEDULE)
 
 
 def _serve(run: RunMacs, where: str) -> None:
@@ -611,22 +614,16 @@ def build_parser() -> Parser:
     ap.add_argument(
         "--model", help="count a preset's (or a diffusers folder's) architecture instead of an export: no weights"
     )
-    ap.add_argument("--steps", type=int, default=25, help=f"denoising steps, 1..{limits.MAX_STEPS}")
-    ap.add_argument("--gate", type=int, default=10, help="gate step (>= --steps: no gating)")
     ap.add_argument(
         "--schedule",
         choices=SCHEDULES,
         help="v1: attn2 cached; v2: attn1 on a schedule too (default: the export's; --model: v1 unless an "
         "interval is given)",
     )
-    ap.add_argument("--sp-interval", type=int, help="V2: attn1 recomputed every this many steps before the gate")
-    ap.add_argument("--fi-interval", type=int, help="V2: attn1 recomputed every this many steps after the gate")
-    ap.add_argument("--warm-up", type=int, help="V2: steps before attn1 caching starts")
     ap.add_argument("--batch", type=int, default=1, help=f"prompts per call, 1..{limits.MAX_BATCH}")
-    ap.add_argument("--height", type=int, help="image height (default: the export's, or the model's native)")
-    ap.add_argument("--width", type=int, help="image width (default: the export's, or the model's native)")
-    ap.add_argument("--max-pixels", type=int, help="cap on height*width (default: the export's, 4x its native size)")
     ap.add_argument("--json", type=Path, metavar="FILE.json", help="write the counts here")
+    for group in (SAMPLING, SCHEDULE, SIZE):
+        group.add_to(ap)
     return ap
 
 

@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from ..contract.args import ABSENT, BackendArgs, OutputArgs, SamplingArgs, SizeArgs, parse
 from ..contract.cli import Parser, command
 from ..contract.errors import UsageError
 from ..contract.files import check_output_file
@@ -31,6 +32,29 @@ if TYPE_CHECKING:
 PROG = "tgate-triton"
 
 
+WITH_REPO = "with --repo: "
+SAMPLING = SamplingArgs(
+    steps=None,
+    gate=None,
+    guidance=None,
+    context=WITH_REPO + "defaults of the requests that leave them out",
+)
+SIZE = SizeArgs(
+    side=ABSENT,
+    context=WITH_REPO + "the cap of requests",
+    help={"max_pixels": "pixels per image a request may ask (default: the export's cap)"},
+)
+BACKEND = BackendArgs(
+    backends=BACKENDS,
+    engines="",
+    threads_zero="the backend's default",
+    context=WITH_REPO + "inside each model instance",
+    help={"threads": "threads per instance (0: the backend's default)"},
+)
+OUTPUT = OutputArgs(force="replace a model folder this tool wrote earlier", context=WITH_REPO + "the model folder")
+REPO_GROUPS = (SAMPLING, SIZE, BACKEND, OUTPUT)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = Parser(prog=PROG, description="Serve a tgate-export folder with Triton Inference Server.")
     p.add_argument("export_dir", type=Path, nargs="?", help="folder written by tgate-export")
@@ -42,21 +66,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--name", default="sd15_tgate", help="model name in the repository")
     g.add_argument("--kind", default="cpu", choices=tuple(KINDS), help="instance kind (KIND_CPU / KIND_GPU)")
     g.add_argument("--instances", type=int, default=1, help="model instances (concurrent requests)")
-    g.add_argument("--backend", default="ort", choices=BACKENDS, help="runtime backend inside the model")
     g.add_argument(
         "--form",
         default="model",
         choices=FORMS,
         help='"model": model.py in the version folder; "backend": config says backend "tgate" (--as-backend)',
     )
-    g.add_argument(
-        "--engines", default="", help="with --backend openvino: build folder inside the export (default: openvino)"
-    )
     g.add_argument("--link", action="store_true", help="reference EXPORT_DIR instead of copying it")
     g.add_argument("--max-steps", type=int, default=DEFAULT_MAX_STEPS, help="requests asking more steps fail")
-    g.add_argument(
-        "--max-pixels", type=int, default=None, help="pixels per image a request may ask (default: the export's cap)"
-    )
     g.add_argument("--max-batch", type=int, default=DEFAULT_MAX_BATCH, help="prompts per request")
     g.add_argument(
         "--queue",
@@ -65,13 +82,10 @@ def build_parser() -> argparse.ArgumentParser:
         help='where image jobs wait: "model" (inside the instance; bad requests are refused on arrival) or '
         '"triton" (Triton\'s queue; a bad request waits for its turn)',
     )
-    g.add_argument("--threads", type=int, default=0, help="threads per instance (0: the backend's default)")
-    g.add_argument("--steps", type=int, default=None, help="default steps (default: the export's)")
-    g.add_argument("--gate", type=int, default=None, help="default gate step (default: the export's)")
-    g.add_argument("--guidance", type=float, default=None, help="default guidance scale (default: the export's)")
     g.add_argument("--scheduler", default="", help="scheduler for every request (default: the export's own)")
     g.add_argument("--env", type=Path, default=None, help="Python environment the model runs in (default: this)")
-    g.add_argument("--force", action="store_true", help="replace a model folder this tool wrote earlier")
+    for group in REPO_GROUPS:
+        group.add_to(p)
     s = p.add_argument_group("server (with --serve)")
     s.add_argument("--host", default="127.0.0.1", help="address to listen on")
     s.add_argument("--http-port", type=int, default=8000, help="Triton's HTTP/REST port")
@@ -201,6 +215,7 @@ def main(argv: Sequence[str]) -> int:
         return 0
     if args.export_dir is None:
         raise UsageError("--repo needs EXPORT_DIR, the folder written by tgate-export")
+    parse(args, *REPO_GROUPS)
     opts = RepoOptions(
         name=args.name,
         form=args.form,
