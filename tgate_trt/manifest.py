@@ -308,8 +308,24 @@ class Manifest:
 
     @property
     def max_pixels(self) -> int:
-        """The export's pixel cap per image (a memory budget), overridable at load."""
-        return int(self.defaults["max_pixels"])
+        """The export's pixel cap per image on this machine (a memory budget), overridable at load."""
+        return self.pixel_cap()
+
+    def pixel_cap(self, share: int = 1) -> int:
+        """The pixel cap with ``share`` copies of the export on this machine (Triton's instances): derived
+        from ``defaults.memory`` (the measured fit) and this machine's memory where the export has one, else
+        ``defaults.max_pixels`` (older exports: 4x the native size); never past the graphs' fixed size."""
+        memory = self.defaults.get("memory")
+        if not memory:
+            return int(self.defaults["max_pixels"])
+        height, width = int(self.defaults["height"]), int(self.defaults["width"])
+        itemsize = 2 if self.dtype == "fp16" else 4
+        weights = itemsize * sum(g.parameters for g in self.graphs.values())
+        cap = limits.default_max_pixels(height, width, memory, weights, share)
+        fixed = self.graphs[next(iter(self.variants))].input(SAMPLE).shape[2:]  # a graph for one size only
+        if all(isinstance(d, int) for d in fixed):
+            cap = min(cap, int(fixed[0]) * int(fixed[1]) * int(self.latent["vae_scale_factor"]) ** 2)
+        return cap
 
     @property
     def native_size(self) -> tuple[int, int] | None:

@@ -6,8 +6,11 @@ runs. Numbers arriving from argparse, JSON or Triton tensors all pass through he
 
 from __future__ import annotations
 
+import functools
 import math
 import numbers
+import os
+from pathlib import Path
 from typing import Any
 
 from .errors import UsageError
@@ -16,7 +19,9 @@ SEED_MAX = 2**63 - 1  # torch.Generator.manual_seed takes 64-bit seeds; Triton's
 MAX_STEPS = 1000  # the schedulers' training timesteps
 GUIDANCE_MAX = 100.0  # beyond this CFG only saturates (1e38 overflows to a black image)
 MAX_BATCH = 64  # images per call through the API and CLI (Triton has its own, smaller cap)
-PIXEL_FACTOR = 4  # default cap on pixels per image: 4x the export's native size (2x per side)
+PIXEL_FACTOR = 4  # cap on pixels per image without a memory record: 4x the export's native size (2x per side)
+MEMORY_FRACTION = 0.8  # of the machine's memory (cgroup-aware) one generation may plan on: the rest is slack
+MEMORY_RESERVE = 2**30  # interpreter, torch, tokenizers, text encoder runs (tiny's pipeline: 0.44 GiB loaded)
 MAX_THREADS = 1024  # intra-op threads: more is a typo, and each one is a real thread
 
 
@@ -72,9 +77,57 @@ def check_batch(batch: Any, max_batch: int = MAX_BATCH) -> int:
     return check_int("batch (number of prompts)", batch, 1, max_batch)
 
 
-def default_max_pixels(height: int, width: int) -> int:
-    """The export's pixel cap: ``PIXEL_FACTOR`` times its native image size."""
-    return PIXEL_FACTOR * height * width
+def default_max_pixels(
+    height: int, width: int, memory: dict[str, Any] | None = None, weights: int = 0, share: int = 1
+) -> int:
+    """The export's pixel cap: from its memory record on this machine where it has one, else the old rule,
+    ``PIXEL_FACTOR`` times its native image size.
+
+    Derived at load, not at export: the fit (``memory["fit"]``, peak bytes of a generation against pixels,
+    measured by :mod:`tgate_trt.export.memory`) travels with the export, and the budget is the running
+    machine's (cgroup-aware): ``MEMORY_FRACTION`` of its memory per ``share`` (model instances on the host),
+    less the graphs' ``weights`` and ``MEMORY_RESERVE``. Never below ``height * width``: the export's own
+    size, which it was validated at, stays allowed (the override lowers it)."""
+    if not memory:
+        return PIXEL_FACTOR * height * width
+    budget = MEMORY_FRACTION * memory_limit() / max(share, 1) - weights - MEMORY_RESERVE
+    return max(height * width, pixels_within(memory["fit"], budget))
+
+
+def pixels_within(fit: dict[str, float], budget: float) -> int:
+    """The largest pixel count ``P`` with ``a + b*P + c*P**2 <= budget`` (0 when not even one pixel fits)."""
+    a, b, c = fit["a"], max(fit["b"], 0.0), max(fit["c"], 0.0)
+    room = budget - a
+    if room <= 0:
+        return 0
+    if c > 0:
+        return int((-b + math.sqrt(b * b + 4 * c * room)) / (2 * c))
+    return int(room / b) if b > 0 else 2**62  # a flat fit: memory sets no cap
+
+
+@functools.cache
+def memory_limit() -> int:
+    """Bytes this process may use: physical memory, or less where a cgroup (v1 or v2) limits it (containers)."""
+    limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    files = [Path("/sys/fs/cgroup/memory.max"), Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")]
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "":  # v2: the limit of this cgroup and of every one above it
+                parts = Path(path).parts[1:]
+                files += [Path("/sys/fs/cgroup", *parts[:n], "memory.max") for n in range(1, len(parts) + 1)]
+            elif "memory" in controllers.split(","):
+                files.append(Path("/sys/fs/cgroup/memory", path.lstrip("/"), "memory.limit_in_bytes"))
+    except (OSError, ValueError):
+        pass
+    for file in files:
+        try:
+            text = file.read_text().strip()
+        except OSError:
+            continue
+        if text.isdigit():  # "max" (v2) or a page-rounded 2**63 (v1): no limit
+            limit = min(limit, int(text))
+    return limit
 
 
 def check_size(height: Any, width: Any, multiple: int, max_pixels: int) -> tuple[int, int]:

@@ -77,6 +77,28 @@ class _Text(TypedDict):
     encoders: NotRequired[list[_Encoder]]
 
 
+_Bytes = Annotated[float, Field(ge=0, allow_inf_nan=False)]
+
+
+@with_config(_OPEN)
+class _Fit(TypedDict):
+    a: _Bytes  # peak bytes of a generation = a + b * pixels + c * pixels**2 (tgate_trt.export.memory)
+    b: _Bytes
+    c: _Bytes
+
+
+@with_config(_OPEN)
+class _Memory(TypedDict):
+    """The measured fit the runtime derives its pixel cap from (absent in older exports: 4x the native size)."""
+
+    fit: _Fit
+    sizes: list[tuple[_Positive, _Positive]]
+    peak_bytes: list[Annotated[int, Field(ge=0)]]
+    bytes_per_pixel: _Bytes
+    graphs: NotRequired[list[str]]
+    method: NotRequired[str]
+
+
 @with_config(_OPEN)
 class _Defaults(TypedDict):
     steps: int
@@ -90,6 +112,7 @@ class _Defaults(TypedDict):
     warm_up: int
     # [height, width]: the only size the model draws (trained at one size, e.g. shapes at 64x64)
     native_size: NotRequired[tuple[_Positive, _Positive]]
+    memory: NotRequired[_Memory]
 
 
 @with_config(_OPEN)

@@ -43,6 +43,7 @@ from .graphs import (
     vae_upcast,
     variant_modules,
 )
+from .memory import record_memory
 from .onnx_io import describe
 from .validate import Check, validate_export
 
@@ -327,5 +328,6 @@ def run_export(req: ExportRequest, progress: Callable[[str], None] | None = None
         stage(STAGES[5])
         manifest = build_manifest(src, tmp, opts, params, layers, checks, family, req.schedule)
         manifest.extra.update(req.extra)
+        record_memory(tmp, manifest)  # defaults.memory: the runtime's pixel cap, from a measured fit
         manifest.save(tmp)
     return manifest, checks

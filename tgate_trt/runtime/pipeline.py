@@ -87,7 +87,8 @@ class TGatePipeline:
         from diffusers import DDIMScheduler
 
         self.root, self.manifest, self.engines, self.tokenizer = root, manifest, engines, tokenizer
-        # the pixel cap per image (a memory budget): the export's unless raised or lowered here
+        # the pixel cap per image (a memory budget): the export's on this machine (Manifest.pixel_cap) unless
+        # raised or lowered here
         self.max_pixels = manifest.max_pixels if max_pixels is None else limits.check_int("max_pixels", max_pixels, 1)
         self.scheduler_config = DDIMScheduler.load_config(str(root / manifest.scheduler))  # read once
         self.conditioner = TextConditioner(root, manifest, engines, tokenizer)
@@ -131,6 +132,8 @@ class TGatePipeline:
             from .trt_engine import load_engines  # TensorRT and CUDA are imported only here
 
             loaded = dict(load_engines(root))
+            if max_pixels is None:  # the memory cap, within what the plans' profiles take
+                max_pixels = min(manifest.max_pixels, _profile_pixels(root, manifest))
         elif backend == "openvino":
             from .ov_engine import OV_DIR
             from .ov_engine import load_engines as load_ov
@@ -317,6 +320,21 @@ class _EngineRunner:
     def noise(self, value: Any) -> torch.Tensor:
         assert self._last is not None
         return torch.from_numpy(self._last.numpy(value).astype(np.float32))
+
+
+def _profile_pixels(root: Path, manifest: mf.Manifest) -> int:
+    """The largest image the TensorRT plans take: the smallest maximum of the UNet plans' ``sample`` profiles
+    (``tgate-build`` records each plan's); the manifest's cap where the build section has none."""
+    import json
+
+    from .trt_engine import ENGINES_DIR, ENGINES_JSON
+
+    path = root / ENGINES_DIR / ENGINES_JSON
+    section = json.loads(path.read_text()) if path.is_file() else manifest.extra.get("engines", {})
+    plans = section.get("plans", {})
+    shapes = [plans[k].get("profile", {}).get(mf.SAMPLE) for k in manifest.variants if k in plans]
+    pixels = [int(s[2][2] * s[2][3]) * manifest.latent["vae_scale_factor"] ** 2 for s in shapes if s]
+    return min(pixels, default=manifest.max_pixels)
 
 
 def to_pil(image: np.ndarray) -> list[Any]:

@@ -55,7 +55,7 @@ class RepoOptions:
     gate_step: int | None = None
     guidance_scale: float | None = None
     scheduler: str = ""
-    max_pixels: int | None = None  # pixels per image (None: the export's manifest.max_pixels)
+    max_pixels: int | None = None  # pixels per image (None: the export's cap on this host, Manifest.pixel_cap)
     max_batch: int = DEFAULT_MAX_BATCH  # prompts per request
     queue: str = "model"  # where image jobs wait: "model" (bad requests refused on arrival) or "triton"
     env: Path | None = None  # Python environment the stub runs in (None: this interpreter's)
@@ -126,7 +126,8 @@ def _settings(manifest: mf.Manifest, opts: RepoOptions) -> Settings:
         max_steps=opts.max_steps,
         scheduler=opts.scheduler,
         size_multiple=manifest.size_multiple,
-        max_pixels=manifest.max_pixels if opts.max_pixels is None else opts.max_pixels,
+        # the export's cap with this host's memory split among the instances (each loads its own copy)
+        max_pixels=manifest.pixel_cap(share=opts.instances) if opts.max_pixels is None else opts.max_pixels,
         max_batch=opts.max_batch,
         queue=opts.queue,
         schedule=manifest.schedule,
