@@ -123,7 +123,7 @@ def test_default_set_leaves_out_openvino_rows_without_a_build(
     ns = argparse.Namespace(
         variants=None, export=tiny_export, ov_precision="f32", ov_build="openvino", ov_int8w_build="x", int8_export=None
     )
-    assert choose_variants(ns) == ["a", "b", "b16", "c", "d", "e"]
+    assert choose_variants(ns) == ["a", "b", "b16", "c", "d", "d-sep", "e"]
     assert "leaving out f,g,h" in capsys.readouterr().err
 
 
@@ -152,7 +152,7 @@ def test_bench_refuses_bad_input(tiny_export: Path, tmp_path: Path, capsys: pyte
     base = ["--export", str(tiny_export), "--height", "64", "--width", "64", "--out", str(tmp_path)]
     assert main([*base, "--gate", "0"]) == 2
     assert main([*base, "--height", "70"]) == 2
-    assert main([*base, "--height", "256", "--width", "256"]) == 2  # over tiny's pixel cap ...
+    assert main([*base, "--height", "4096", "--width", "4096"]) == 2  # over tiny's pixel cap ...
     assert "--max-pixels" in capsys.readouterr().err  # ... which --max-pixels raises
     assert main([*base, "--variants", "xyz"]) == 2
     assert main([*base, "--variants", "c,nope"]) == 2
@@ -264,7 +264,8 @@ def test_bench_v2_refusals(tiny_export: Path, v2_export, tmp_path: Path, capsys:
         ov_int8w_build="openvino-int8w", int8_export=None,
     )  # fmt: skip
     names = choose_variants(ns)  # a V2 export: its rows join the default set; (h-v2) has no build here
-    assert names[:6] == ["a", "b", "b16", "c", "d", "e"] and names[-3:] == ["b-v2", "b16-v2", "d-v2"]
+    assert names[:7] == ["a", "b", "b16", "c", "d", "d-sep", "e"]
+    assert names[-4:] == ["b-v2", "b16-v2", "d-v2", "d-sep-v2"]
     assert "leaving out h-v2" in capsys.readouterr().err
 
 

@@ -88,9 +88,9 @@ def test_cli_prints_table_and_writes_json(tiny_export: Path, tmp_path: Path, cap
     assert main([str(tiny_export), "--gate", "0"]) == 2
     assert main([str(tiny_export), "--height", "70"]) == 2
     assert main([str(tiny_export), "--batch", "0", "--json", str(tmp_path / "b.json")]) == 2  # was a traceback
-    assert main([str(tiny_export), "--height", "256", "--width", "256"]) == 2  # over tiny's cap ...
+    assert main([str(tiny_export), "--height", "4096", "--width", "4096"]) == 2  # over tiny's cap ...
     assert "--max-pixels" in capsys.readouterr().err
-    argv = [str(tiny_export), "--height", "256", "--width", "256", "--max-pixels", str(256 * 256)]
+    argv = [str(tiny_export), "--height", "4096", "--width", "4096", "--max-pixels", str(4096 * 4096)]
     assert main([*argv, "--json", str(tmp_path / "big.json")]) == 0  # ... which --max-pixels raises
     assert json.loads((tmp_path / "big.json").read_text())["height"] == 256
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.json", "m.json"]  # no temp file, no refused JSON

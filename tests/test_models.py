@@ -51,8 +51,9 @@ def test_export_validates_and_records_the_family(model_export: Callable[[str], P
     encoders = [mf.TEXT_ENCODER, mf.TEXT_ENCODER_2][:n_text]
     assert list(m.graphs) == [*encoders, mf.PREGATE, mf.POSTGATE, mf.VAE_DECODER]
     assert [e["graph"] for e in m.text_encoders] == encoders
-    for key in m.graphs:
-        assert (root / key / "model.onnx").is_file() and (root / key / "config.json").is_file()
+    for key, spec in m.graphs.items():
+        assert (root / spec.file).is_file() and (root / spec.file).parent.joinpath("config.json").is_file()
+        assert spec.file == mf.graph_file(key, unet=key in m.variants)
     pre_inputs = [t.name for t in m.graphs[mf.PREGATE].inputs]
     post_inputs = [t.name for t in m.graphs[mf.POSTGATE].inputs]
     assert pre_inputs == [mf.SAMPLE, mf.TIMESTEP, *mf.conditioning_inputs(m.model, postgate=False)]
@@ -60,7 +61,7 @@ def test_export_validates_and_records_the_family(model_export: Callable[[str], P
     assert mf.PROMPT_EMBEDS not in post_inputs  # no text states after the gate
     assert (mf.NEGATIVE_PROMPT_EMBEDS in pre_inputs) is cfg and (mf.GUIDANCE_SCALE in pre_inputs) is True
     assert (mf.TEXT_EMBEDS in pre_inputs) is added
-    post = onnx.load(str(root / mf.POSTGATE / "model.onnx"))
+    post = onnx.load(str(root / m.graphs[mf.POSTGATE].file), load_external_data=False)
     assert not any("attn2" in i.name for i in post.graph.initializer)
 
 

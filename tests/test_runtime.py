@@ -116,9 +116,9 @@ def test_bad_inputs_are_refused(pipe: TGatePipeline, kwargs: dict, message: str)
 def test_tampered_export_is_refused(tiny_export: Path, tmp_path: Path) -> None:
     copy = tmp_path / "copy"
     shutil.copytree(tiny_export, copy)
-    target = copy / mf.PREGATE / "model.onnx"
+    target = copy / mf.UNET / f"{mf.PREGATE}.onnx"
     target.write_bytes(target.read_bytes()[:-1] + b"\x00")
-    with pytest.raises(mf.ManifestError, match="unet_pregate/model.onnx does not match its sha256"):
+    with pytest.raises(mf.ManifestError, match="unet/unet_pregate.onnx does not match its sha256"):
         TGatePipeline.from_export(copy)
 
 

@@ -98,8 +98,8 @@ def server(
 ) -> Iterator[TritonServer]:
     root = tmp_path_factory.mktemp("triton")
     repo = root / "repo"
-    _generate_repo(tiny_export, repo, MODEL, "--instances", "2", "--link")
-    _generate_repo(tiny_export, repo, BACKEND_MODEL, "--form", "backend")
+    _generate_repo(tiny_export, repo, MODEL, "--instances", "2", "--link", "--max-pixels", "16384")
+    _generate_repo(tiny_export, repo, BACKEND_MODEL, "--form", "backend", "--max-pixels", "16384")
     for variant, name in FAMILY_MODELS.items():
         _generate_repo(model_export(variant), repo, name, "--link")
     # Explicit model control: these models load at start; others (a tampered copy) load on demand.
@@ -215,7 +215,7 @@ SEED_MSG = "seed must be an integer in 0..9223372036854775807"
 GUIDANCE_MSG = "guidance_scale must be a finite number in 0..100"
 FAST = 2.0  # seconds: a refusal does no image work (the models' queue is idle here; see test_triton_faults)
 # case -> (inputs, outputs to request (None: all), a fragment of the message). The tiny export takes sizes
-# in multiples of 16 up to 16,384 pixels (its manifest.max_pixels); the models cap steps at 8, batch at 4.
+# in multiples of 16 up to 16,384 pixels (--max-pixels of the repository); the models cap steps at 8, batch at 4.
 BAD_REQUESTS: dict[str, tuple[dict[str, tuple[str, Any]], list[str] | None, str]] = {
     "missing prompt": ({"seed": ("INT64", np.array([1], np.int64))}, None, "prompt"),
     "seed as FP32": ({"prompt": PROMPT, "seed": _fp32(1.0)}, None, "seed"),
@@ -442,7 +442,7 @@ def test_gpu_trt_config(tiny_export: Path, tmp_path: Path, capsys: pytest.Captur
     assert params["default_gate_step"] == str(defaults["gate_step"])
     assert float(params["default_guidance_scale"]) == defaults["guidance_scale"]
     assert (params["default_height"], params["default_width"]) == (str(defaults["height"]), str(defaults["width"]))
-    assert params["max_pixels"] == str(manifest.max_pixels) and params["max_batch"] == "2"
+    assert params["max_pixels"] == str(manifest.pixel_cap(share=2)) and params["max_batch"] == "2"
     assert params["size_multiple"] == str(manifest.size_multiple) and params["queue"] == "model"
     assert Path(params["EXECUTION_ENV_PATH"], "bin", "activate").is_file()
     inputs = {t.name: (model_config_pb2.DataType.Name(t.data_type), list(t.dims), t.optional) for t in config.input}
@@ -565,7 +565,7 @@ BAD_CLI: dict[str, tuple[Callable[[Path], None] | None, list[str], str]] = {
 
 def _argv(argv: list[str], tiny_export: Path, tmp_path: Path) -> list[str]:
     damaged = {
-        "{damaged:graph}": lambda e: _flip_last_byte(e / "unet_pregate" / "model.onnx"),
+        "{damaged:graph}": lambda e: _flip_last_byte(e / "unet" / "unet_pregate.onnx"),
         "{damaged:tokenizer}": lambda e: (e / "tokenizer" / "vocab.json").unlink(),
     }
     out = []

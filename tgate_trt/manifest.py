@@ -30,7 +30,15 @@ TEXT_ENCODER_2 = "text_encoder_2"  # SDXL only; optional graphs are listed in ``
 VAE_DECODER = "vae_decoder"
 GRAPH_KEYS = (TEXT_ENCODER, PREGATE, POSTGATE, VAE_DECODER)  # the graphs every export has
 QUANTIZATION = "quantization"  # manifest.extra section of a tgate-quantize copy (int8 CPU graphs)
-UNET = "unet"  # optimum's plain UNet folder: not in T-GATE exports, only beside them for comparisons
+UNET = "unet"  # optimum's UNet folder; a T-GATE export keeps its UNet graph variants here (see unet_graph_file)
+
+
+def graph_file(key: str, unet: bool) -> str:
+    """Where graph ``key`` lives in an export: optimum's ``<part>/model.onnx``, except the UNet variants, which
+    sit side by side as ``unet/<key>.onnx`` so that they share one external-data file, ``unet/model.onnx_data``
+    (each weight written once; ONNX Runtime refuses external data outside a graph's own folder)."""
+    return f"{UNET}/{key}.onnx" if unet else f"{key}/model.onnx"
+
 
 # Tensor names of the two UNet graphs.
 SAMPLE = "sample"
@@ -273,8 +281,10 @@ class Manifest:
 
         ``graphs`` limits the graph files checked (a backend that reads only some); the tokenizer,
         scheduler and config files are always checked, since every backend reads them."""
+        wanted: dict[str, str] = {}  # the UNet variants share one weights file: hashed once
         for key in graphs if graphs is not None else tuple(self.graphs):
-            check_files(Path(folder), self.graphs[key].files, "re-export the model")
+            wanted.update(self.graphs[key].files)
+        check_files(Path(folder), wanted, "re-export the model")
         check_files(Path(folder), self.files, "re-export the model")
 
     # --- derived facts -------------------------------------------------------------------------
@@ -320,7 +330,9 @@ class Manifest:
             return int(self.defaults["max_pixels"])
         height, width = int(self.defaults["height"]), int(self.defaults["width"])
         itemsize = 2 if self.dtype == "fp16" else 4
-        weights = itemsize * sum(g.parameters for g in self.graphs.values())
+        unets = [g.parameters for k, g in self.graphs.items() if k in self.variants]  # held once (shared weights)
+        others = [g.parameters for k, g in self.graphs.items() if k not in self.variants]
+        weights = itemsize * (sum(others) + max(unets, default=0))
         cap = limits.default_max_pixels(height, width, memory, weights, share)
         fixed = self.graphs[next(iter(self.variants))].input(SAMPLE).shape[2:]  # a graph for one size only
         if all(isinstance(d, int) for d in fixed):

@@ -33,7 +33,7 @@ from ..families import (
     text_section,
 )
 from ..families.zoo import zoo_model
-from ..methods.variants import SCHEDULES, GraphVariant, variants_for
+from ..methods.variants import SCHEDULES, variants_for
 from .graphs import (
     ExportOptions,
     cache_sites,
@@ -44,7 +44,7 @@ from .graphs import (
     variant_modules,
 )
 from .memory import record_memory
-from .onnx_io import describe
+from .onnx_io import SharedWeights, describe
 from .validate import Check, validate_export
 
 MIN_OPSET, MAX_OPSET = 18, 20  # >= 18 for TensorRT's LayerNorm mapping; 20 is the legacy exporter's max
@@ -203,14 +203,13 @@ def _tool_versions() -> dict[str, str]:
     return out
 
 
-def _save_assets(pipe: Any, root: Path, family: mf.ModelFamily, variants: tuple[GraphVariant, ...]) -> None:
+def _save_assets(pipe: Any, root: Path, family: mf.ModelFamily) -> None:
     pipe.tokenizer.save_pretrained(root / "tokenizer")
     pipe.scheduler.save_pretrained(root / "scheduler")
-    unet_cfg = json.dumps(dict(pipe.unet.config), indent=2, default=str)
     configs = [
         (mf.TEXT_ENCODER, pipe.text_encoder.config.to_json_string()),
         (mf.VAE_DECODER, json.dumps(dict(pipe.vae.config), indent=2, default=str)),
-        *((v.key, unet_cfg) for v in variants),
+        (mf.UNET, json.dumps(dict(pipe.unet.config), indent=2, default=str)),  # once, beside the variants
     ]
     if family.added_conditioning:
         pipe.tokenizer_2.save_pretrained(root / "tokenizer_2")
@@ -246,7 +245,8 @@ def build_manifest(
     native = pipe.unet.config.sample_size * pipe.vae_scale_factor
     defaults["max_pixels"] = limits.default_max_pixels(max(native, opts.height), max(native, opts.width))
     defaults.update(schedule_defaults(schedule, family))
-    graphs = {k: describe(root / k, root, params[k]) for k in keys}
+    unets = {v.key for v in variants}
+    graphs = {k: describe(root / mf.graph_file(k, k in unets), root, params[k]) for k in keys}
     return mf.Manifest(
         source=src.source,
         dtype=opts.dtype,
@@ -305,16 +305,17 @@ def run_export(req: ExportRequest, progress: Callable[[str], None] | None = None
 
     variants = variants_for(req.schedule, family.cfg)
     with output_dir(req) as tmp:
-        _save_assets(pipe, tmp, family, variants)
+        _save_assets(pipe, tmp, family)
         stage(STAGES[1])
         params = export_standard_parts(pipe, tmp, opts, family)
         layers = cache_sites(pipe, opts, family, ("attn2",) if req.schedule == "v1" else ("attn2", "attn1"))
         modules = variant_modules(pipe, variants, family)
-        for before in (True, False):  # the graphs that read text (before the gate), then the rest
-            stage(STAGES[2] if before else STAGES[3])
-            for v in variants:
-                if v.reads_text == before:
-                    params[v.key] = export_variant(pipe, modules, v.key, layers, tmp / v.key, opts)
+        with SharedWeights(tmp / mf.UNET) as shared:  # every UNet weight once, whatever the number of variants
+            for before in (True, False):  # the graphs that read text (before the gate), then the rest
+                stage(STAGES[2] if before else STAGES[3])
+                for v in variants:
+                    if v.reads_text == before:
+                        params[v.key] = export_variant(pipe, modules, v.key, layers, shared, opts)
         stage(STAGES[4])
         checks = validate_export(pipe, tmp, opts, family, variants=variants)
         failed = [c for c in checks if not c.passed]

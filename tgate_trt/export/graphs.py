@@ -15,7 +15,7 @@ import torch
 from .. import manifest as mf
 from ..methods.plan import FULL, KINDS
 from ..methods.variants import CACHE_PREFIX, GraphVariant, cache_tensor, source_of
-from .onnx_io import ScratchDir, finalize
+from .onnx_io import ScratchDir, SharedWeights, finalize
 from .tgate import VariantUNet
 
 
@@ -156,10 +156,11 @@ def export_variant(
     modules: dict[str, VariantUNet],
     key: str,
     layers: list[mf.CacheLayer],
-    folder: Path,
+    shared: SharedWeights,
     opts: ExportOptions,
 ) -> int:
-    """One UNet variant as an ONNX graph in ``folder`` (optimum's layout); returns its parameter count."""
+    """One UNet variant as ``unet/<key>.onnx``, its weights in the variants' one shared file; returns its
+    parameter count."""
     module = modules[key]
     inputs = variant_feeds(modules, module.variant, unet_example(pipe, opts, family=module.family))
     cache_in = [n for n in inputs if n in {c.name for c in layers}]
@@ -172,7 +173,7 @@ def export_variant(
         **_cache_axes(layers, cache_in, {k: "cfg" for k in v.replay} if v.cfg else {}),
         **_cache_axes(layers, cache_out, {k: "cfg" for k, lay in v.capture if lay == FULL} if v.cfg else {}),
     }
-    with ScratchDir(folder.parent) as scratch:
+    with ScratchDir(shared.folder.parent) as scratch:
         raw = scratch / "model.onnx"
         _export(
             module,
@@ -183,7 +184,7 @@ def export_variant(
             output_names=module.output_names,
             dynamic_axes=axes,
         )
-        return finalize(raw, folder, opts.force_external_data)
+        return shared.save(raw, Path(mf.graph_file(key, unet=True)).name)
 
 
 def vae_upcast(pipe: Any, family: mf.ModelFamily, opts: ExportOptions) -> bool:

@@ -8,13 +8,14 @@ peak from 128x128 up). The budget is not fixed here: :func:`tgate_trt.contract.l
 solves the fit against the memory of the machine that loads the export (cgroup-aware), since exports are
 often made on a workstation and served in a container.
 
-What one subprocess runs is a fresh pipeline's first generation, as the runtime drives it (``OrtEngine``,
-IO binding): every UNet graph variant twice, then the VAE decoder, with an arena per session. Both matter:
-each session keeps the arena it grew, and ONNX Runtime allocates a planned memory pattern on a graph's
-second call at a shape. Measured on ``tiny`` at 512x512 above the loaded sessions: the dominant graphs
-alone (CFG UNet + VAE, one call each) 2.2 GiB, this run 6.5 GiB, a fresh ``TGatePipeline`` 6.5 GiB. One
-arena shared by the sessions (``cpu_arena="shared"``) peaks lower (4.2 GiB), so the record is its upper
-bound. The text encoder is left out: its peak doesn't depend on the image size (the reserve covers it).
+What one subprocess runs is a fresh pipeline's first generation as the runtime drives it by default: the
+graphs share one ORT CPU arena (``cpu_arena="shared"``) and the UNet variants one copy of the weights, so the
+peak above the loaded weights is that of the largest graph, not a sum. The UNet variant that computes every
+attention at the CFG batch bounds the others (each of them computes a subset, at that batch or half of it),
+so it runs twice (ONNX Runtime allocates a planned memory pattern on a graph's second call at a shape), then
+the VAE decoder once. Measured on ``tiny`` at 512x512 above the loaded sessions: one arena per session peaks
+at 6.5 GiB, a shared arena at 4.2 GiB. The text encoder is left out: its peak doesn't depend on the image
+size (the reserve covers it). The subprocess uses ONNX Runtime directly (export does not import the runtime).
 """
 
 from __future__ import annotations
@@ -25,7 +26,6 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +34,7 @@ from .. import manifest as mf
 LATENT_SIDES = (16, 24, 32)  # latent pixels per side: 128..256 on SD's VAE, quick on any model
 UNET_RUNS = 2  # the second call at a shape allocates ONNX Runtime's planned memory pattern
 TIMEOUT_S = 900.0  # one size of a full-size model loads its graphs in ~10 s each
-METHOD = "ORT CPU, arena per session, batch 1: each UNet variant twice, then vae_decoder; peak RSS minus loaded"
+METHOD = "ORT CPU, one shared arena, batch 1: the first UNet variant twice, then vae_decoder; peak RSS minus loaded"
 
 
 def record_memory(root: Path, manifest: mf.Manifest) -> None:
@@ -58,7 +58,7 @@ def measure_memory(root: Path, manifest: mf.Manifest, sides: tuple[int, ...] = L
     native = int(manifest.defaults["height"]) * int(manifest.defaults["width"])
     return {
         "method": METHOD,
-        "graphs": [*manifest.variants, mf.VAE_DECODER],
+        "graphs": measured_graphs(manifest),
         "sizes": [[h, w] for h, w in sizes],
         "peak_bytes": peaks,
         "fit": coef,
@@ -103,7 +103,7 @@ def predict(coef: dict[str, float], pixels: int) -> float:
 
 def measure_peak(root: Path, manifest: mf.Manifest, height: int, width: int) -> int:
     """Peak bytes above the loaded sessions of one generation at ``height`` x ``width``, in a subprocess."""
-    job = {"graphs": [_graph_job(root, manifest, key, height, width) for key in [*manifest.variants, mf.VAE_DECODER]]}
+    job = {"graphs": [_graph_job(root, manifest, key, height, width) for key in measured_graphs(manifest)]}
     cmd = [sys.executable, "-m", __name__]
     done = subprocess.run(cmd, input=json.dumps(job), capture_output=True, text=True, timeout=TIMEOUT_S)
     if done.returncode != 0:
@@ -112,17 +112,20 @@ def measure_peak(root: Path, manifest: mf.Manifest, height: int, width: int) -> 
     return int(json.loads(done.stdout.strip().splitlines()[-1])["peak"])
 
 
-def _graph_job(root: Path, manifest: mf.Manifest, key: str, height: int, width: int) -> dict[str, Any]:
-    from ..engines.profiles import dim_value
+def measured_graphs(manifest: mf.Manifest) -> list[str]:
+    """The UNet variant that computes every attention at the CFG batch (the first), and the VAE decoder."""
+    return [next(iter(manifest.variants)), mf.VAE_DECODER]
 
-    spec = manifest.graphs[key]
+
+def _graph_job(root: Path, manifest: mf.Manifest, key: str, height: int, width: int) -> dict[str, Any]:
+    from .onnx_io import random_feeds
+
     factor = int(manifest.latent["vae_scale_factor"])
-    shapes = [[dim_value(manifest, key, d, 1, height // factor, width // factor) for d in t.shape] for t in spec.inputs]
+    feeds = random_feeds(manifest, key, height // factor, width // factor)
     return {
         "key": key,
-        "file": str(root / spec.file),
-        "spec": asdict(spec),
-        "shapes": shapes,
+        "file": str(root / manifest.graphs[key].file),
+        "inputs": {name: [list(a.shape), a.dtype.name] for name, a in feeds.items()},
         "runs": 1 if key == mf.VAE_DECODER else UNET_RUNS,
     }
 
@@ -137,31 +140,26 @@ def _status() -> dict[str, int]:
 
 
 def _run_job(job: dict[str, Any]) -> dict[str, int]:
-    """In the subprocess: load every graph, reset the peak, run them as a generation would, read the peak."""
+    """In the subprocess: load the graphs on one shared arena, reset the peak, run them as a generation would."""
     import numpy as np
+    import onnxruntime as ort
 
-    from ..runtime.engine import OrtEngine
-
-    engines = []
+    cpu = ort.OrtMemoryInfo("Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT)
+    ort.create_and_register_allocator(cpu, None)
+    sessions = []
     for g in job["graphs"]:
-        spec = mf.GraphSpec(
-            g["spec"]["file"],
-            {},
-            [mf.TensorSpec(**t) for t in g["spec"]["inputs"]],
-            [mf.TensorSpec(**t) for t in g["spec"]["outputs"]],
-        )
-        engines.append(OrtEngine(g["key"], Path(g["file"]), spec, ["CPUExecutionProvider"], 0, "session"))
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3
+        opts.add_session_config_entry("session.use_env_allocators", "1")
+        sessions.append(ort.InferenceSession(g["file"], opts, providers=["CPUExecutionProvider"]))
     with contextlib.suppress(OSError):  # the peak so far (loading, optimising) is not the run's: reset it
         Path("/proc/self/clear_refs").write_text("5")  # (Linux >= 4.0)
     loaded = _status()["VmRSS"]
     rng = np.random.default_rng(0)
-    for g, engine in zip(job["graphs"], engines, strict=True):
-        feeds = {}
-        for t, shape in zip(engine.spec.inputs, g["shapes"], strict=True):
-            data = rng.standard_normal(shape) if t.dtype.startswith("float") else np.zeros(shape)
-            feeds[t.name] = engine.asarray(data.astype(t.dtype))
+    for g, session in zip(job["graphs"], sessions, strict=True):
+        feeds = {name: rng.standard_normal(shape).astype(dtype) for name, (shape, dtype) in g["inputs"].items()}
         for _ in range(g["runs"]):
-            engine(feeds)
+            session.run(None, feeds)
     return {"peak": _status()["VmHWM"] - loaded, "loaded": loaded}
 
 

@@ -1,7 +1,9 @@
-"""Saving and describing ONNX files: external data above protobuf's 2 GB limit, specs for the manifest."""
+"""Saving and describing ONNX files: external data above protobuf's 2 GB limit, one shared weights file for the
+UNet variants, specs for the manifest."""
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 import tempfile
 from pathlib import Path
@@ -73,13 +75,108 @@ def finalize(raw: Path, folder: Path, force_external: bool = False) -> int:
     return params
 
 
-def graph_files(folder: Path, root: Path) -> dict[str, str]:
-    """sha256 of ``model.onnx`` and its external data, keyed by path relative to the export root."""
-    return {
-        str(f.relative_to(root)): sha256_file(f)
-        for f in sorted(folder.iterdir())
-        if f.name in ("model.onnx", EXTERNAL_DATA)
-    }
+class SharedWeights:
+    """Several graphs in one folder with one external-data file in which every weight is written once.
+
+    The UNet variants of an export hold nearly the same weights (a post-gate graph lacks only what it
+    replays). Initializers of at least ``threshold`` bytes (all but scalars and short shape constants) are keyed
+    by their content (dtype, shape, bytes), so an identical tensor is stored once whatever its name in each
+    graph; offsets of tensors of a page or more are page-aligned, so a runtime can memory-map the file.
+    ``written`` and ``referenced`` count the bytes, for the export's report.
+    """
+
+    def __init__(self, folder: Path, name: str = EXTERNAL_DATA, threshold: int = 64, align: int = 4096) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.name, self.threshold, self.align = folder, name, threshold, align
+        self._file = open(folder / name, "wb")  # noqa: SIM115 (closed by close())
+        self._offsets: dict[str, int] = {}
+        self.written = self.referenced = 0
+
+    def __enter__(self) -> SharedWeights:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._file.close()
+
+    def _put(self, data: bytes, key: str) -> int:
+        if key not in self._offsets:
+            pos = self._file.tell()
+            pad = -pos % (self.align if len(data) >= self.align else 64)  # pages for what may be mapped
+            self._file.write(b"\0" * pad)
+            self._file.write(data)
+            self._offsets[key] = pos + pad
+            self.written += len(data)
+        self.referenced += len(data)
+        return self._offsets[key]
+
+    def save(self, raw: Path, filename: str, rename: bool = False) -> int:
+        """Write the graph at ``raw`` as ``folder/filename`` with its large weights in the shared file; check it
+        and return its parameter count. One graph is in memory at a time. ``rename`` names every stored
+        weight after its content (``w_<sha256>``), so graphs can also share them by name (ORT's
+        ``SessionOptions.add_initializer``)."""
+        from onnx import numpy_helper
+
+        model = onnx.load(str(raw), load_external_data=True)
+        params = parameter_count(model)
+        names: dict[str, str] = {}
+        for init in model.graph.initializer:
+            array = numpy_helper.to_array(init)
+            data = array.tobytes()
+            if len(data) < self.threshold:
+                continue
+            key = hashlib.sha256(f"{array.dtype}{array.shape}".encode() + data).hexdigest()
+            offset = self._put(data, key)
+            if rename:
+                names[init.name] = init.name = f"w_{key[:32]}"
+            for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data"):
+                init.ClearField(field)
+            del init.external_data[:]
+            for k, v in (("location", self.name), ("offset", str(offset)), ("length", str(len(data)))):
+                entry = init.external_data.add()
+                entry.key, entry.value = k, v
+            init.data_location = TensorProto.EXTERNAL
+        if names:
+            _rename_inputs(model.graph, names)
+            unique = {init.name: init for init in model.graph.initializer}  # identical tensors: one initializer
+            del model.graph.initializer[:]
+            model.graph.initializer.extend(unique.values())
+        self._file.flush()
+        target = self.folder / filename
+        onnx.save_model(model, str(target))
+        del model
+        onnx.checker.check_model(str(target))
+        return params
+
+
+def _rename_inputs(graph: onnx.GraphProto, names: dict[str, str]) -> None:
+    """Point every node input (subgraphs included) at the initializers' new names."""
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            node.input[i] = names.get(name, name)
+        for attr in node.attribute:
+            for sub in [attr.g] if attr.HasField("g") else list(attr.graphs):
+                _rename_inputs(sub, names)
+
+
+def external_files(model_file: Path) -> list[Path]:
+    """The external-data files a graph reads (none when its weights are inside the protobuf)."""
+    from onnx.external_data_helper import uses_external_data
+
+    model = onnx.load(str(model_file), load_external_data=False)
+    names: dict[str, None] = {}
+    for init in model.graph.initializer:
+        if uses_external_data(init):
+            names.update({e.value: None for e in init.external_data if e.key == "location"})
+    return [model_file.parent / name for name in names]
+
+
+def graph_files(model_file: Path, root: Path) -> dict[str, str]:
+    """sha256 of a graph file and the external data it reads, keyed by path relative to the export root."""
+    files = [model_file, *external_files(model_file)]
+    return {f.relative_to(root).as_posix(): sha256_file(f) for f in files}
 
 
 def _specs(values: list[onnx.ValueInfoProto]) -> list[TensorSpec]:
@@ -92,11 +189,11 @@ def _specs(values: list[onnx.ValueInfoProto]) -> list[TensorSpec]:
     return specs
 
 
-def describe(folder: Path, root: Path, params: int) -> GraphSpec:
-    model = onnx.load(str(folder / "model.onnx"), load_external_data=False)
+def describe(model_file: Path, root: Path, params: int) -> GraphSpec:
+    model = onnx.load(str(model_file), load_external_data=False)
     return GraphSpec(
-        file=str((folder / "model.onnx").relative_to(root)),
-        files=graph_files(folder, root),
+        file=model_file.relative_to(root).as_posix(),
+        files=graph_files(model_file, root),
         inputs=_specs(list(model.graph.input)),
         outputs=_specs(list(model.graph.output)),
         parameters=params,

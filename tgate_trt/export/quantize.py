@@ -11,6 +11,7 @@ against its fp32 source. TensorRT builds from the fp32/fp16 export, not from thi
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import shutil
@@ -28,7 +29,7 @@ from ..contract.cli import Parser, command
 from ..contract.errors import UserError
 from ..contract.files import OutputDir
 from ..contract.quiet import ort_log_level
-from .onnx_io import ScratchDir, describe, finalize, random_feeds, relative_error
+from .onnx_io import ScratchDir, SharedWeights, describe, random_feeds, relative_error
 
 QUANTIZED_OPS = ("MatMul",)
 SECTION = mf.QUANTIZATION
@@ -57,7 +58,8 @@ def check_request(src: Path, out: Path, force: bool, tolerance: float = DEFAULT_
     return manifest
 
 
-def _quantize_graph(src_model: Path, folder: Path, root: Path) -> mf.GraphSpec:
+def _quantize_graph(src_model: Path, shared: SharedWeights, root: Path) -> mf.GraphSpec:
+    """The int8 copy of one UNet variant, written beside the others with its weights in their shared file."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     root_logger = logging.getLogger()
@@ -76,10 +78,8 @@ def _quantize_graph(src_model: Path, folder: Path, root: Path) -> mf.GraphSpec:
             )
         finally:
             root_logger.setLevel(level)
-        params = finalize(raw, folder)
-    for extra in src_model.parent.glob("*.json"):  # optimum's config.json travels with the graph
-        shutil.copy2(extra, folder / extra.name)
-    return describe(folder, root, params)
+        params = shared.save(raw, src_model.name)
+    return describe(shared.folder / src_model.name, root, params)
 
 
 def relative_errors(manifest: mf.Manifest, src: Path, quantized: Path, key: str) -> dict[str, float]:
@@ -115,16 +115,19 @@ def quantize_export(
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, tmp / item.name)
         graphs = dict(manifest.graphs)
         errors: dict[str, dict[str, float]] = {}
-        for key in tqdm(unets, desc="quantize", unit="graph"):
-            spec = manifest.graphs[key]
-            graphs[key] = _quantize_graph(src / spec.file, tmp / Path(spec.file).parent, tmp)
-            errors[key] = relative_errors(manifest, src, tmp, key)
-            worst = float(np.max(list(errors[key].values())))  # NaN anywhere is the worst, not skipped
-            if not np.isfinite(worst) or worst > tolerance:
-                raise QuantizeError(
-                    f"{key}: int8 output differs from fp32 by {worst:.3g} (relative L2) > {tolerance}: this model "
-                    "does not tolerate int8 MatMuls; keep the fp32 export (or pass a larger --tolerance)"
-                )
+        folders = {Path(manifest.graphs[k].file).parent for k in unets}  # one (unet/), or one per graph (older)
+        with contextlib.ExitStack() as stack:
+            stores = {folder: stack.enter_context(SharedWeights(tmp / folder)) for folder in folders}
+            for key in tqdm(unets, desc="quantize", unit="graph"):
+                spec = manifest.graphs[key]
+                graphs[key] = _quantize_graph(src / spec.file, stores[Path(spec.file).parent], tmp)
+                errors[key] = relative_errors(manifest, src, tmp, key)
+                worst = float(np.max(list(errors[key].values())))  # NaN anywhere is the worst, not skipped
+                if not np.isfinite(worst) or worst > tolerance:
+                    raise QuantizeError(
+                        f"{key}: int8 output differs from fp32 by {worst:.3g} (relative L2) > {tolerance}: this "
+                        "model does not tolerate int8 MatMuls; keep the fp32 export (or pass a larger --tolerance)"
+                    )
         for rel in manifest.files:  # the UNet folders' configs, listed with the other files
             if not (tmp / rel).exists():
                 shutil.copy2(src / rel, tmp / rel)

@@ -72,7 +72,7 @@ def _check_text_encoders(
         step(f"validate {key.replace('_', ' ')}")
         tokenizer = pipe.tokenizer_2 if key == mf.TEXT_ENCODER_2 else pipe.tokenizer
         encoder = getattr(pipe, key)
-        sess = _session(root / key / "model.onnx")
+        sess = _session(root / mf.graph_file(key, unet=False))
         ids = tokenizer(
             VALIDATION_PROMPTS,
             padding="max_length",
@@ -113,8 +113,8 @@ def validate_export(
 
     checks = _check_text_encoders(pipe, root, family, opts.dtype, step)
     modules = variant_modules(pipe, variants or variants_for("v1", family.cfg), family)
-    sessions = {key: _session(root / key / "model.onnx") for key in modules}
-    sess_vae = _session(root / mf.VAE_DECODER / "model.onnx")
+    sessions = {key: _session(root / mf.graph_file(key, unet=True)) for key in modules}
+    sess_vae = _session(root / mf.graph_file(mf.VAE_DECODER, unet=False))
     vae_dtype = "fp32" if vae_upcast(pipe, family, opts) else opts.dtype
     for name, batch, h, w in cases:
         case = f"{name} {h}x{w}"

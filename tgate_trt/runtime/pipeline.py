@@ -24,7 +24,7 @@ from ..methods.plan import Step, TGateParams, family_plan
 from ..methods.sampler import denoise
 from ..methods.variants import GraphVariant, select
 from .conditioning import TextConditioner, check_sizes
-from .engine import Engine, OrtEngine
+from .engine import Engine, OrtEngine, default_providers
 
 BACKENDS = ("ort", "openvino", "trt")
 MAX_STEPS = mf.MAX_STEPS
@@ -106,7 +106,8 @@ class TGatePipeline:
         cache_dir: str | Path | None = None,
         static_shapes: bool = True,
         max_pixels: int | None = None,
-        cpu_arena: str = "session",
+        cpu_arena: str | None = None,
+        weights: str = "shared",
     ) -> TGatePipeline:
         """Load an export folder; every file is checked against its sha256 first.
 
@@ -115,7 +116,12 @@ class TGatePipeline:
         (default ``~/.cache/tgate-trt/openvino``; ``""`` disables), ``static_shapes`` compiles each graph for
         the shapes it is called with (faster per call; False keeps the graphs dynamic). ``max_pixels``
         overrides the export's cap on pixels per image; ``cpu_arena`` is ONNX Runtime's CPU memory arena
-        (``session``, ``shared`` or ``off``: :func:`~tgate_trt.runtime.engine.session_options`)."""
+        (``session``, ``shared`` or ``off``: :func:`~tgate_trt.runtime.engine.session_options`; default
+        ``shared``: the graphs run one after another, so one arena serves them all).
+
+        ONNX Runtime on the CPU: ``weights="shared"`` (default) holds the UNet variants' weights once in memory
+        (:mod:`.ort_shared`; prepared once per machine into ``cache_dir``, default ``~/.cache/tgate-trt/ort``;
+        ``cache_dir=""`` or ``weights="separate"``: each session loads its own copy)."""
         from transformers import CLIPTokenizer
 
         if backend not in BACKENDS:
@@ -140,8 +146,18 @@ class TGatePipeline:
 
             loaded = dict(load_ov(root, manifest, engines or OV_DIR, device, threads, cache_dir, static_shapes))
         else:
+            from .ort_shared import WEIGHT_MODES, shared_weights
+
+            if weights not in WEIGHT_MODES:
+                raise UsageError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {weights!r}")
+            providers = list(providers or default_providers())
+            arena = cpu_arena or "shared"
+            unets = list(manifest.variants)
+            shared = None
+            if weights == "shared" and providers == ["CPUExecutionProvider"]:
+                shared = shared_weights(root, manifest, unets, cache_dir)
             loaded = {
-                key: OrtEngine(key, root / spec.file, spec, providers, threads, cpu_arena)
+                key: OrtEngine(key, root / spec.file, spec, providers, threads, arena, shared if key in unets else None)
                 for key, spec in manifest.graphs.items()
             }
         tokenizer = CLIPTokenizer.from_pretrained(str(root / manifest.text["tokenizer"]))

@@ -113,6 +113,10 @@ def _ours(kind: str, args: argparse.Namespace) -> Callable[[], dict[str, float]]
         pipe = TGatePipeline.from_export(
             export, backend="openvino", threads=args.threads, engines=build, max_pixels=args.max_pixels
         )
+    elif kind.startswith("d-sep"):  # the deployment before sharing: a copy of the weights and an arena per graph
+        pipe = TGatePipeline.from_export(
+            export, threads=args.threads, max_pixels=args.max_pixels, weights="separate", cpu_arena="session"
+        )
     else:
         backend = "trt" if kind == "t" else "ort"
         pipe = TGatePipeline.from_export(export, backend=backend, threads=args.threads, max_pixels=args.max_pixels)
@@ -252,7 +256,7 @@ def choose_variants(args: argparse.Namespace) -> list[str]:
             if problem:
                 raise UsageError(problem)
     else:
-        names = ["a", "b", "b16", "c", "d", "e"]
+        names = ["a", "b", "b16", "c", "d", "d-sep", "e"]
         group = [openvino_problem("f"), ov_build_problem(args, "h")]  # (f) goes with (g) and (h)
         extra = {"f,g,h": next((p for p in group if p), None)}
         extra["h-int8w"] = openvino_problem("h-int8w") or ov_build_problem(args, "h-int8w")
@@ -263,7 +267,7 @@ def choose_variants(args: argparse.Namespace) -> list[str]:
                 names += kinds.split(",")
         names += ["q"] if args.int8_export else []
         if getattr(args, "v2_export", None) is not None:  # a V2 export: the V2 rows that can run
-            names += ["b-v2", "b16-v2", "d-v2"]
+            names += ["b-v2", "b16-v2", "d-v2", "d-sep-v2"]
             for kind in ("h-v2", "h-int8w-v2"):
                 problem = openvino_problem(kind) or ov_build_problem(args, kind)
                 if problem:

@@ -30,6 +30,7 @@ VARIANTS = {
     "b16": "authors' tgate PyTorch, bf16 autocast",
     "c": "ours ORT, gate >= steps",
     "d": "ours ORT, T-GATE",
+    "d-sep": "ours ORT, T-GATE, weights loaded per graph (before sharing)",
     "e": "optimum ORTStableDiffusionPipeline",
     "f": "optimum-intel OVStableDiffusionPipeline",
     "g": "ours OpenVINO, gate >= steps",
@@ -41,6 +42,7 @@ VARIANTS = {
     "b-v2": "authors' tgate PyTorch, V2",
     "b16-v2": "authors' tgate PyTorch, bf16 autocast, V2",
     "d-v2": "ours ORT, T-GATE V2",
+    "d-sep-v2": "ours ORT, T-GATE V2, weights loaded per graph (before sharing)",
     "h-v2": "ours OpenVINO, T-GATE V2",
     "h-int8w-v2": "ours OpenVINO int8 weights, T-GATE V2",
 }
@@ -52,6 +54,9 @@ V2_PAIRS = (
     ("d-v2", "b-v2"), ("h-v2", "b-v2"), ("h-v2", "b16-v2"), ("h-int8w-v2", "b16-v2"),
     ("b-v2", "b"), ("b16-v2", "b16"), ("d-v2", "d"), ("h-v2", "h"), ("h-int8w-v2", "h-int8w"),
 )  # fmt: skip
+# weights held once: (ours, plain single-UNet peer of the same backend, the same pipeline with a copy per graph)
+MEMORY_PAIRS = (("d", "e", "d-sep"), ("d-v2", "e", "d-sep-v2"), ("h", "f", None), ("h-v2", "f", None))
+MEMORY_TARGET, SPEED_LOSS_TARGET = 1.15, 0.03
 SD15_MAC_RATIO = 0.4716  # r of SD-1.5 at 256x256, when the graphs can't be counted
 STEP_RATIO_TOLERANCE = 0.05
 
@@ -299,7 +304,29 @@ def targets(results: list[dict[str, Any]], args: argparse.Namespace) -> dict[str
     goals: dict[str, Any] = {"speedups": speed, "step_ratios": steps} if speed or steps else {}
     if pairs:
         goals["v2"] = {**v2_params(args), "gate_step": args.gate, "pairs": pairs}
+    memory = memory_goals(ok)
+    if memory:
+        goals["memory"] = memory
     return goals
+
+
+def memory_goals(ok: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """Weights held once: each of our rows' peak RSS against the plain single-UNet peer of its backend
+    (<= 1.15x), and its time against the same pipeline holding a copy of the weights per graph (<= 3% slower)."""
+    out = []
+    for ours, peer, separate in MEMORY_PAIRS:
+        if ours not in ok or peer not in ok:
+            continue
+        row: dict[str, Any] = {"ours": ours, "peer": peer}
+        row["rss_ratio"] = ok[ours]["peak_rss_gib"] / ok[peer]["peak_rss_gib"]
+        row["rss_met"] = row["rss_ratio"] <= MEMORY_TARGET
+        if separate in ok:
+            row["separate"] = separate
+            row["rss_ratio_separate"] = ok[separate]["peak_rss_gib"] / ok[peer]["peak_rss_gib"]
+            row["time_ratio"] = ok[ours]["median"]["total"] / ok[separate]["median"]["total"]
+            row["speed_met"] = row["time_ratio"] <= 1 + SPEED_LOSS_TARGET
+        out.append(row)
+    return out
 
 
 def markdown(results: list[dict[str, Any]], goals: dict[str, Any] | None = None) -> str:
@@ -335,6 +362,20 @@ def markdown(results: list[dict[str, Any]], goals: dict[str, Any] | None = None)
                   f"{v2['fi_interval']}, warm_up {v2['warm_up']}; same sitting", ""]  # fmt: skip
         lines += ["| comparison | speed-up |", "|---|---:|"]
         lines += [f"| ({p['faster']}) vs ({p['than']}) | {p['speedup']:.2f}x |" for p in v2["pairs"]]
+    if goals.get("memory"):
+        lines += ["", "## Weights held once", "", f"peak RSS against the plain single-UNet peer (target <= "
+                  f"{MEMORY_TARGET:g}x); time against the same pipeline with a copy of the weights per graph (target "
+                  f"<= {1 + SPEED_LOSS_TARGET:g}x)", ""]  # fmt: skip
+        lines += [
+            "| ours | peer | peak RSS vs peer | before sharing | time vs before | |",
+            "|---|---|---:|---:|---:|---|",
+        ]
+        for m in goals["memory"]:
+            before = f"{m['rss_ratio_separate']:.2f}x" if "separate" in m else "-"
+            time_ratio = f"{m['time_ratio']:.3f}x" if "separate" in m else "-"
+            met = m["rss_met"] and m.get("speed_met", True)
+            lines.append(f"| ({m['ours']}) | ({m['peer']}) | {m['rss_ratio']:.2f}x | {before} | {time_ratio} | "
+                         f"{'met' if met else 'missed'} |")  # fmt: skip
     return "\n".join(lines)
 
 
