@@ -15,6 +15,11 @@ file written is ``<out>/engines.json``, the ``engines`` manifest section (each p
 profile, the shapes it outputs and, for a UNet variant, what it replays and captures), so its presence
 means the build completed.
 
+``gated_unet=True`` (``tgate-build --gated-unet``) builds one plan ``unet_gated`` for every UNet variant instead
+(:mod:`.gated`, :mod:`.gated_onnx`): one copy of the UNet weights on the GPU, an ONNX ``If`` per cache site,
+one optimization profile per CFG batch; the runtime serves each variant as a view of it. docs/tensorrt-weights.md
+says why, and what only a GPU can confirm.
+
 Not verifiable without TensorRT and a GPU (no such machine here): that TensorRT's parser takes every
 variant's ONNX, that the plans build, and that their outputs match ONNX Runtime; the GPU test in
 ``tests/test_trt_backend.py`` does that where TensorRT is installed. Everything before the first TensorRT
@@ -34,6 +39,7 @@ from typing import Any
 from .. import manifest as mf
 from ..contract.errors import UsageError, UserError
 from ..contract.files import atomic_write_json
+from .gated import GATED_KEY, GatedSpec, gated_profiles, gated_spec, profile_settings
 from .options import BuilderSettings, BuildOptions, apply_settings, builder_settings, save_timing_cache
 from .profiles import Profile, all_profiles, check_handoffs, is_static, output_shapes
 
@@ -123,8 +129,27 @@ def prepare_onnx(src: Path, work: Path, fold: bool = True) -> tuple[Path, list[s
     return dst, steps
 
 
-def add_profile(builder: Any, config: Any, network: Any, profile: Profile, key: str) -> None:
-    """One optimization profile; every network input must have a shape from the manifest."""
+def prepare_gated(src: Path, work: Path, spec: GatedSpec, fold: bool = True) -> tuple[Path, list[str]]:
+    """The gated UNet (:mod:`.gated_onnx`) from the base variant's ONNX, cleaned as :func:`prepare_onnx`
+    cleans every graph (before the ``If`` nodes exist: the cleaners see a plain graph)."""
+    import onnx
+
+    from .gated_onnx import count_ifs, gated_file
+
+    base, steps = prepare_onnx(src, work / "base", fold=fold)
+    dst = gated_file(base, work / "model.onnx", spec)
+    shutil.rmtree(work / "base", ignore_errors=True)
+    onnx.shape_inference.infer_shapes_path(str(dst), str(dst))
+    ifs = count_ifs(onnx.load(str(dst), load_external_data=False))
+    return dst, [*steps, "gated: " + ", ".join(f"{n} If on replay.{k}" for k, n in sorted(ifs.items()))]
+
+
+def add_profile(
+    builder: Any, config: Any, network: Any, profile: Profile, key: str, extra_memory_target: float | None = None
+) -> None:
+    """One optimization profile; every network input must have a shape from the manifest. A later profile of
+    the gated UNet gets ``extra_memory_target`` 0: TensorRT then aims to add no weight memory for it (a hint,
+    not a guarantee: see docs/tensorrt-weights.md)."""
     names = {network.get_input(i).name for i in range(network.num_inputs)}
     if names != set(profile):
         raise RuntimeError(
@@ -133,6 +158,8 @@ def add_profile(builder: Any, config: Any, network: Any, profile: Profile, key: 
     opt_profile = builder.create_optimization_profile()
     for name, (mn, opt, mx) in profile.items():
         opt_profile.set_shape(name, mn, opt, mx)
+    if extra_memory_target is not None:
+        opt_profile.extra_memory_target = extra_memory_target
     config.add_optimization_profile(opt_profile)
 
 
@@ -156,12 +183,13 @@ def _build_one(
     logger: Any,
     settings: BuilderSettings,
     onnx_path: Path,
-    profile: Profile,
+    profiles: list[Profile],
     key: str,
     timing_cache: Any = None,
 ) -> tuple[bytes, Any]:
-    """One plan; returns it with the timing cache to hand to the next graph of the build (the first graph
-    creates it: from ``--timing-cache`` when given, else empty)."""
+    """One plan (one profile each, two for a gated UNet of a CFG family); returns it with the timing cache to
+    hand to the next graph of the build (the first graph creates it: from ``--timing-cache`` when given, else
+    empty)."""
     config = builder.create_builder_config()
     network = apply_settings(trt, builder, config, settings)
     if timing_cache is None:
@@ -171,12 +199,39 @@ def _build_one(
     if not parser.parse_from_file(str(onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise RuntimeError(f"TensorRT's ONNX parser rejected {key} ({onnx_path}): {errors}")
-    add_profile(builder, config, network, profile, key)
+    for i, profile in enumerate(profiles):
+        add_profile(builder, config, network, profile, key, 0.0 if i else None)
     plan = builder.build_serialized_network(network, config)
     if plan is None:
         raise RuntimeError(f"TensorRT could not build {key}: see the TensorRT log above")
     save_timing_cache(config, settings)
     return bytes(plan), timing_cache
+
+
+def _shapes(profile: Profile) -> dict[str, list[list[int]]]:
+    return {name: [list(s) for s in shapes] for name, shapes in profile.items()}
+
+
+def _plan_record(
+    manifest: mf.Manifest, key: str, profile: Profile, batch: int, height: int, width: int, options: BuildOptions
+) -> dict[str, Any]:
+    return {
+        "profile": _shapes(profile),
+        "outputs": _shapes(output_shapes(manifest, key, batch, height, width, options.dynamic)),
+        "variant": manifest.variants.get(key),  # {cfg, replay, capture}; None for non-UNet graphs
+    }
+
+
+def _gated_record(manifest: mf.Manifest, spec: GatedSpec, profiles: list[Profile]) -> dict[str, Any]:
+    """What the runtime needs to serve every variant from the gated plan: its contract, which profile runs
+    which CFG setting, and the variants it serves (checked against the manifest at load)."""
+    return {
+        "profiles": [
+            {"cfg": cfg, "shapes": _shapes(p)} for cfg, p in zip(profile_settings(manifest), profiles, strict=True)
+        ],
+        "gated": spec.to_dict(),
+        "variants": dict(manifest.variants),
+    }
 
 
 def build_engines(
@@ -187,9 +242,11 @@ def build_engines(
     height: int,
     width: int,
     graphs: tuple[str, ...] | None = None,
+    gated_unet: bool = False,
 ) -> dict[str, Any]:
     """Build one plan per graph (default: every graph the manifest lists) and return the ``engines``
-    section (also written to ``engines.json``).
+    section (also written to ``engines.json``). ``gated_unet``: one plan ``unet_gated`` for every UNet
+    variant instead of one each (made from the variants' base graph when any variant is among ``graphs``).
 
     Everything that can be checked without TensorRT (manifest, sizes, options, cache hand-offs between the
     variants) is checked first, then TensorRT is imported; only then is ``out_dir`` created.
@@ -205,8 +262,14 @@ def build_engines(
     unknown = [k for k in keys if k not in manifest.graphs]
     if unknown:
         raise UsageError(f"the export has no graph {', '.join(unknown)}; it has {', '.join(manifest.graphs)}")
-    profiles = all_profiles(manifest, batch, height, width, options.dynamic, keys)
+    profiles: dict[str, list[Profile]] = {
+        k: [p] for k, p in all_profiles(manifest, batch, height, width, options.dynamic, keys).items()
+    }
     check_handoffs(manifest, batch, height, width, options.dynamic, keys)
+    spec = gated_spec(manifest) if gated_unet and any(k in manifest.variants for k in keys) else None
+    if spec is not None:
+        keys = (*(k for k in keys if k not in manifest.variants), GATED_KEY)
+        profiles[GATED_KEY] = gated_profiles(manifest, spec, batch, height, width, options.dynamic)
     settings = builder_settings(options, manifest)
     trt = import_tensorrt()
     gpu = gpu_info()
@@ -224,23 +287,22 @@ def build_engines(
     timing_cache: Any = None
     try:
         for key in keys:
-            spec = manifest.graphs[key]
-            onnx_path, steps = prepare_onnx(export_dir / spec.file, work / key, fold=not options.strip_weights)
+            fold = not options.strip_weights
+            if key == GATED_KEY and spec is not None:
+                onnx_path, steps = prepare_gated(export_dir / manifest.graphs[spec.base].file, work / key, spec, fold)
+            else:
+                onnx_path, steps = prepare_onnx(export_dir / manifest.graphs[key].file, work / key, fold=fold)
             data, timing_cache = _build_one(trt, builder, logger, settings, onnx_path, profiles[key], key, timing_cache)
             digest = write_atomic(out_dir / f"{key}.plan", data)
-            plans[key] = {
-                "file": f"{key}.plan",
-                "sha256": digest,
-                "bytes": len(data),
-                "onnx": spec.file,  # refit source for weight-stripped plans (relative to the export)
-                "onnx_steps": steps,
-                "profile": {name: [list(s) for s in shapes] for name, shapes in profiles[key].items()},
-                "outputs": {
-                    name: [list(s) for s in shapes]
-                    for name, shapes in output_shapes(manifest, key, batch, height, width, options.dynamic).items()
-                },
-                "variant": manifest.variants.get(key),  # {cfg, replay, capture}; None for non-UNet graphs
-            }
+            # refit source for weight-stripped plans (relative to the export): the gated graph's weights keep the
+            # base variant's names, so it is refitted from that graph, the one copy on disk
+            source = manifest.graphs[spec.base if key == GATED_KEY and spec is not None else key].file
+            plans[key] = {"file": f"{key}.plan", "sha256": digest, "bytes": len(data), "onnx": source}
+            plans[key]["onnx_steps"] = steps
+            if key == GATED_KEY and spec is not None:
+                plans[key].update(_gated_record(manifest, spec, profiles[key]))
+            else:
+                plans[key].update(_plan_record(manifest, key, profiles[key][0], batch, height, width, options))
             shutil.rmtree(work / key, ignore_errors=True)
     finally:
         shutil.rmtree(work, ignore_errors=True)
@@ -252,7 +314,8 @@ def build_engines(
         "settings": settings.to_dict(),
         "shape": {"batch": batch, "height": height, "width": width},
         "schedule": manifest.schedule,
-        "static": all(is_static(p) for p in profiles.values()),
+        "static": all(is_static(p) for ps in profiles.values() for p in ps),
+        "unet_layout": "variants" if spec is None else "gated",
         "plans": plans,
     }
     atomic_write_json(out_dir / ENGINES_JSON, section)

@@ -82,6 +82,11 @@ def build_parser() -> Parser:
     trt.add_argument("--version-compatible", action="store_true", help="plans for later TensorRT (lean runtime)")
     trt.add_argument("--exclude-lean-runtime", action="store_true", help="with --version-compatible: smaller plans")
     trt.add_argument("--strip-weights", action="store_true", help="weightless plans, refitted from the ONNX at load")
+    trt.add_argument(
+        "--gated-unet",
+        action="store_true",
+        help="one UNet plan for every variant (one copy of the weights on the GPU; docs/tensorrt-weights.md)",
+    )
     return p
 
 
@@ -148,7 +153,8 @@ def main(argv: Sequence[str]) -> int:
         for stale in sorted(out.glob(".tgate-build-*")):  # work folders of killed builds (we hold the lock)
             shutil.rmtree(stale, ignore_errors=True)
             print(f"removed {stale}, left by an interrupted build", file=sys.stderr)
-        section = build_engines(args.export_dir, out, options, args.batch, height, width)
+        # graphs None: every graph of the export
+        section = build_engines(args.export_dir, out, options, args.batch, height, width, None, args.gated_unet)
     for key, plan in section["plans"].items():
         print(f"{key:<14} {out / plan['file']}  {plan['bytes'] / 2**20:8.1f} MiB  sha256 {plan['sha256'][:12]}")
     gpu = section["gpu"]

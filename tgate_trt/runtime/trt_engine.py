@@ -2,7 +2,9 @@
 
 One engine per graph of the manifest (every UNet variant of the schedule, text encoder(s), VAE), one CUDA
 stream for all of them, and one activation buffer shared by every execution context (only one engine runs
-at a time). TensorRT and torch.cuda are imported lazily.
+at a time). TensorRT and torch.cuda are imported lazily. A ``tgate-build --gated-unet`` build has one UNet
+engine instead, and every variant is a view of it (:mod:`tgate_trt.engines.gated_views`; one copy of the weights
+on the GPU, docs/tensorrt-weights.md); the text encoder(s) and VAE are as here.
 
 **Zero-copy cache hand-off, for any capturing -> replaying variant.** Outputs are preallocated per engine and
 returned as-is; the sampler (:func:`tgate_trt.methods.sampler.denoise`) keeps the capturing call's outputs
@@ -55,11 +57,14 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from .. import manifest as mf
+from ..engines.gated import GATED_KEY
 from ..methods.variants import GraphVariant
 
 if TYPE_CHECKING:
     import tensorrt as trt
     import torch
+
+    from ..engines.gated_views import GatedView
 
 ENGINES_DIR = "engines"
 ENGINES_JSON = "engines.json"
@@ -86,20 +91,21 @@ def check_section(section: Mapping[str, Any], manifest: mf.Manifest) -> None:
     """The build has a plan for every graph of the manifest (every UNet variant included) and no other, built
     for the same variants; the message names what is missing or different. Pure: testable without TRT."""
     plans = section.get("plans", {})
-    missing = [k for k in manifest.graphs if k not in plans]
+    served = plans.get(GATED_KEY, {}).get("variants", {})  # a gated build: one plan serves every variant
+    missing = [k for k in manifest.graphs if k not in plans and k not in served]
     if missing:
         raise PlanMismatch(
             f"the engines have no plan for {', '.join(missing)} (the export's {manifest.schedule} graphs are "
             f"{', '.join(manifest.graphs)}): rebuild with tgate-build"
         )
-    extra = [k for k in plans if k not in manifest.graphs]
+    extra = [k for k in plans if k not in manifest.graphs and k != GATED_KEY]
     if extra:
         raise PlanMismatch(
             f"the engines have plans for {', '.join(extra)}, which this export does not have: they were built "
             "from another export; rebuild with tgate-build"
         )
     for key, variant in manifest.variants.items():
-        built = plans[key].get("variant")
+        built = plans[key].get("variant") if key in plans else served.get(key)
         if built is not None and built != variant:
             raise PlanMismatch(
                 f"{key}: the plan was built for variant {built}, the export declares {variant}: rebuild with "
@@ -267,8 +273,6 @@ class TrtEngine:
             raise RuntimeError(f"{self.name}: TensorRT refused the address of input {name}")
 
     def _reshape(self, shapes: tuple[tuple[int, ...], ...]) -> None:
-        import torch
-
         for name, shape in zip(self.input_names, shapes, strict=True):
             if not self.context.set_input_shape(name, shape):
                 raise ValueError(f"{self.name}: input {name} shape {shape} is outside the engine's profile")
@@ -280,11 +284,17 @@ class TrtEngine:
             if old is not None:
                 self.shared.outputs.pop(old.data_ptr(), None)
             dims = self.context.get_tensor_shape(name)
-            shape = tuple(dims[i] for i in range(len(dims)))
-            self.outputs[name] = torch.empty(shape, dtype=self.dtypes[name], device=self.shared.device)
-            self.shared.outputs[self.outputs[name].data_ptr()] = self.outputs[name]
+            self.outputs[name] = self._output_buffer(name, tuple(dims[i] for i in range(len(dims))))
             self.context.set_tensor_address(name, self.outputs[name].data_ptr())
         self._shapes = shapes
+
+    def _output_buffer(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """A new buffer for output ``name``, known to ``shared`` as an engine output (zero-copy hand-off)."""
+        import torch
+
+        tensor = torch.empty(shape, dtype=self.dtypes[name], device=self.shared.device)
+        self.shared.outputs[tensor.data_ptr()] = tensor
+        return tensor
 
     def _execute(self) -> None:
         if not self.context.execute_async_v3(self.stream.cuda_stream):
@@ -356,9 +366,10 @@ def load_engines(
     export_dir: str | os.PathLike[str],
     engines_dir: str | os.PathLike[str] | None = None,
     cuda_graphs: bool = False,
-) -> dict[str, TrtEngine]:
+) -> dict[str, TrtEngine | GatedView]:
     """Every plan of a ``tgate-build`` folder (default ``EXPORT_DIR/engines``), checked, on one stream: one
-    engine per graph of the manifest, every UNet variant included (a build missing one is refused)."""
+    engine per graph of the manifest, every UNet variant included (a build missing one is refused); from a
+    ``--gated-unet`` build, each variant is a view of the one ``unet_gated`` engine."""
     import torch
 
     from ..engines.build import import_tensorrt
@@ -383,7 +394,7 @@ def load_engines(
     runtime.engine_host_code_allowed = bool(section["settings"]["engine_host_code_allowed"])
     shared, stream = SharedActivations(torch.device("cuda")), torch.cuda.Stream()
     gpu_name = torch.cuda.get_device_name()
-    engines: dict[str, TrtEngine] = {}
+    engines: dict[str, TrtEngine | GatedView] = {}
     for key, plan in section["plans"].items():
         data = (folder / plan["file"]).read_bytes()
         check_plan(
@@ -398,5 +409,10 @@ def load_engines(
             raise PlanMismatch(f"TensorRT could not deserialize {folder / plan['file']}: rebuild with tgate-build")
         if section["settings"]["refit_from_onnx"]:
             refit_from_onnx(trt_mod, engine, root / plan["onnx"], logger)
+        if key == GATED_KEY:  # every UNet variant a view of the one engine (eager: see gated_views)
+            from ..engines.gated_views import gated_views
+
+            engines.update(gated_views(manifest, plan, engine, shared, stream))
+            continue
         engines[key] = TrtEngine(key, manifest.graphs[key], engine, shared, stream, cuda_graphs and section["static"])
     return engines
