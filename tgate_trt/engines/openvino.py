@@ -1,11 +1,15 @@
 """OpenVINO target: every graph of an export as OpenVINO IR, checked against ONNX Runtime fp32 at build time.
 
-OpenVINO reads the export's ONNX directly, so the build is a conversion (``read_model``, optional NNCF int8
-weight compression, ``save_model`` with full-precision weights) followed by a compile-and-compare of every
-graph on the target device at its inference precision. Precision on a CPU is a compile property
-(``INFERENCE_PRECISION_HINT``), not a property of the IR, so the IR is the same for bf16 and f32 and the
-runtime applies the precision recorded here. The folder is staged and renamed into place, and only then
-is the section added to ``manifest.json``, so a failed build or a graph out of tolerance writes nothing.
+OpenVINO reads the export's ONNX directly, so the build is a conversion (``read_model``, MatMul weights stored
+transposed, optional NNCF int8 weight compression, ``save_model`` with full-precision weights) followed by a
+compile-and-compare of every graph on the target device at its inference precision. Every weight is written
+once, into ``weights.bin``, however many graphs use it (the UNet variants share nearly all of theirs): each
+graph's IR keeps its structure and small constants and takes its weights from that file
+(:mod:`.openvino_shared`); ``shared_weights=False`` writes the earlier layout, one self-contained IR per
+graph. Precision on a CPU is a compile property (``INFERENCE_PRECISION_HINT``), not a property of the IR, so
+the IR is the same for bf16 and f32 and the runtime applies the precision recorded here. The folder is staged
+and renamed into place, and only then is the section added to ``manifest.json``, so a failed build or a graph
+out of tolerance writes nothing.
 """
 
 from __future__ import annotations
@@ -25,10 +29,18 @@ from ..contract.files import OutputDir, writer_lock
 from ..contract.quiet import ort_log_level
 from ..export.onnx_io import relative_error
 from ..methods.variants import GraphVariant, source_of
+from .openvino_shared import (
+    WEIGHTS_FILE,
+    WeightWriter,
+    externalize_weights,
+    map_weights,
+    read_bound,
+    transpose_matmul_weights,
+)
 
 OV_DIR = "openvino"
 TARGET = "openvino"
-SECTION_FORMAT = 1
+SECTION_FORMAT = 2  # 2: weights.bin shared by the graphs (section "weights"); 1: one IR per graph
 PRECISIONS = ("bf16", "f16", "f32", "int8w")
 DEVICES = ("CPU", "GPU")
 INSTALL_HINT = "pip install -e '.[openvino]' (openvino 2026.4.1 and nncf 3.4.0)"
@@ -124,7 +136,12 @@ def check_request(export_dir: Path, name: str, precision: str | None, device: st
         raise OpenVINOBuildError(
             f"{export_dir} is a {manifest.dtype} export; OpenVINO builds start from fp32 (re-export with --dtype fp32)"
         )
-    if not name or name.startswith(".") or "/" in name or name in _export_parts(manifest) | {"engines"}:
+    if (
+        not name
+        or name.startswith(".")
+        or "/" in name
+        or name in _export_parts(manifest) | {"engines"} | set(manifest.graphs)  # a graph key named a folder once
+    ):
         raise OpenVINOBuildError(f"--out must name a folder of its own directly inside the export, got {name!r}")
     target, owned = export_dir / name, manifest.extra.get("engines", {}).get(name, {}).get("target") == TARGET
     if target.exists() and not target.is_dir():
@@ -195,8 +212,10 @@ def _ort_outputs(path: Path, feeds: dict[str, np.ndarray], names: list[str]) -> 
     return list(session.run(names, feeds))
 
 
-def _convert(ov: ModuleType, core: Any, src: Path, xml: Path, int8: bool) -> None:
+def _convert(ov: ModuleType, core: Any, src: Path, xml: Path, int8: bool, writer: WeightWriter | None) -> int:
+    """ONNX -> IR at ``xml``; with ``writer``, its weights go there (returns the bytes of them it uses)."""
     model = core.read_model(str(src))
+    transpose_matmul_weights(model)
     if int8:
         import logging
 
@@ -204,8 +223,10 @@ def _convert(ov: ModuleType, core: Any, src: Path, xml: Path, int8: bool) -> Non
 
         nncf.set_log_level(logging.ERROR)  # its per-layer table is for tuning, not for a build log
         model = nncf.compress_weights(model, mode=nncf.CompressWeightsMode.INT8_ASYM)
+    referenced = 0 if writer is None else externalize_weights(model, writer)
     ov.save_model(model, str(xml), compress_to_fp16=False)  # full-precision weights: precision is a compile choice
     del model
+    return referenced
 
 
 def build_openvino(
@@ -215,8 +236,12 @@ def build_openvino(
     device: str = "CPU",
     threads: int = 0,
     say: Callable[[str], None] = print,
+    shared_weights: bool = True,
 ) -> dict[str, Any]:
-    """Convert, compile and validate every graph; publish ``EXPORT/<name>/`` and the manifest's section."""
+    """Convert, compile and validate every graph; publish ``EXPORT/<name>/`` and the manifest's section.
+
+    ``shared_weights``: every weight once in ``weights.bin`` (default); False: one self-contained IR per
+    graph, each with its own copy of its weights (the layout of section format 1)."""
     from tqdm import tqdm
 
     export_dir = Path(export_dir)
@@ -224,63 +249,51 @@ def build_openvino(
     if why:
         say(f"precision {precision}: {why}")
     ov = import_openvino()
-    keys = list(manifest.graphs)
-    per_graph = graph_precisions(keys, precision, device, core)
+    per_graph = graph_precisions(list(manifest.graphs), precision, device, core)
     graphs: dict[str, Any] = {}
     rows: list[dict[str, Any]] = []
     caches: dict[str, dict[str, np.ndarray]] = {}  # graph -> its ORT outputs
-    variants = [GraphVariant.from_dict(k, v) for k, v in manifest.variants.items()]
     with mf.staged_dir(export_dir / name) as tmp:
-        for key in tqdm(keys, desc=f"openvino {precision}", unit="graph"):
-            spec, plan = manifest.graphs[key], per_graph[key]
-            xml = tmp / f"{key}.xml"
-            start = time.perf_counter()
-            _convert(ov, core, export_dir / spec.file, xml, plan["weights"] == "int8")
-            compiled = core.compile_model(str(xml), device, compile_config(plan["inference"], device, threads))
-            seconds = time.perf_counter() - start
-            feeds = validation_feeds(export_dir, manifest, key)
-            if key in manifest.variants:  # a replaying graph gets real caches, as in a pipeline
-                variant = GraphVariant.from_dict(key, manifest.variants[key])
-                for kind in variant.replay:
-                    source = source_of(variants, variant, kind).key
-                    feeds.update({n: caches[source][n] for n in manifest.sites[kind]})
-            names = [o.name for o in spec.outputs]
-            want = _ort_outputs(export_dir / spec.file, feeds, names)
-            caches[key] = dict(zip(names, want, strict=True))
-            result = compiled.create_infer_request().infer(feeds)
-            got = [np.asarray(result[compiled.output(n)]) for n in names]
-            errors = {n: relative_error(g, w) for n, g, w in zip(names, got, want, strict=True)}
-            limit = TOLERANCES["int8w" if plan["weights"] == "int8" else plan["inference"]]
-            worst = float(np.max(list(errors.values())))  # NaN anywhere is the worst, not skipped
-            rows.append(
-                {
-                    "graph": key,
-                    "weights": plan["weights"],
-                    "inference": plan["inference"],
-                    "worst_output": max(errors, key=lambda n: errors[n]),
-                    "relative_l2": worst,
-                    "max_abs_diff": max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True)),
-                    "tolerance": limit,
-                    "passed": bool(np.isfinite(worst) and worst <= limit),
-                    "convert_compile_s": round(seconds, 2),
+        writer = WeightWriter(tmp / WEIGHTS_FILE) if shared_weights else None
+        try:
+            for key in tqdm(list(manifest.graphs), desc=f"openvino {precision}", unit="graph"):
+                plan = per_graph[key]
+                xml = tmp / f"{key}.xml"
+                start = time.perf_counter()
+                src = export_dir / manifest.graphs[key].file
+                referenced = _convert(ov, core, src, xml, plan["weights"] == "int8", writer)
+                weights = None
+                if writer is not None:
+                    writer.flush()
+                    weights = map_weights(writer.path)
+                model = read_bound(core, xml, weights)  # what the runtime compiles, from the files written
+                compiled = core.compile_model(model, device, compile_config(plan["inference"], device, threads))
+                seconds = time.perf_counter() - start
+                del model
+                row = _validate(export_dir, manifest, key, compiled, plan, caches)
+                del compiled, weights
+                rows.append({**row, "convert_compile_s": round(seconds, 2)})
+                if not row["passed"]:
+                    say(format_validation(rows))
+                    raise OpenVINOBuildError(
+                        f"{key}: OpenVINO {plan['inference']} output differs from ONNX Runtime fp32 by "
+                        f"{row['relative_l2']:.3g} (relative L2) > {row['tolerance']}: nothing was written; "
+                        "try --precision f32"
+                    )
+                files = [xml, xml.with_suffix(".bin")]
+                graphs[key] = {
+                    "xml": f"{name}/{xml.name}",
+                    "files": {f"{name}/{f.name}": mf.sha256_file(f) for f in files},
+                    **plan,
                 }
-            )
-            del compiled, result
-            if not rows[-1]["passed"]:
-                say(format_validation(rows))
-                raise OpenVINOBuildError(
-                    f"{key}: OpenVINO {plan['inference']} output differs from ONNX Runtime fp32 by {worst:.3g} "
-                    f"(relative L2) > {limit}: nothing was written; try --precision f32"
-                )
-            files = [xml, xml.with_suffix(".bin")]
-            graphs[key] = {
-                "xml": f"{name}/{xml.name}",
-                "files": {f"{name}/{f.name}": mf.sha256_file(f) for f in files},
-                **plan,
-            }
+                if writer is not None:
+                    graphs[key]["weights_bytes"] = referenced  # of weights.bin, what this graph reads
+        finally:
+            if writer is not None:
+                writer.close()
         section = {
             "target": TARGET,
-            "format": SECTION_FORMAT,
+            "format": SECTION_FORMAT if writer is not None else 1,
             "openvino": ov.get_version(),
             "device": device,
             "device_name": core.get_property(device, "FULL_DEVICE_NAME"),
@@ -292,11 +305,51 @@ def build_openvino(
                 "rows": rows,
             },
         }
+        if writer is not None:
+            rel = f"{name}/{WEIGHTS_FILE}"
+            section["weights"] = {"file": rel, "sha256": mf.sha256_file(writer.path), "bytes": writer.size}
     with writer_lock(export_dir / mf.MANIFEST_NAME, wait=True):  # builds into other --out names, one at a time
         manifest = mf.Manifest.load(export_dir, verify=False)  # re-read: publish on top of the latest manifest
         manifest.extra.setdefault("engines", {})[name] = section
         manifest.save(export_dir)
     return section
+
+
+def _validate(
+    export_dir: Path,
+    manifest: mf.Manifest,
+    key: str,
+    compiled: Any,
+    plan: dict[str, Any],
+    caches: dict[str, dict[str, np.ndarray]],
+) -> dict[str, Any]:
+    """One graph against ORT fp32 on seeded inputs; a replaying variant gets its source's real caches."""
+    spec = manifest.graphs[key]
+    feeds = validation_feeds(export_dir, manifest, key)
+    if key in manifest.variants:  # a replaying graph gets real caches, as in a pipeline
+        variants = [GraphVariant.from_dict(k, v) for k, v in manifest.variants.items()]
+        variant = GraphVariant.from_dict(key, manifest.variants[key])
+        for kind in variant.replay:
+            source = source_of(variants, variant, kind).key
+            feeds.update({n: caches[source][n] for n in manifest.sites[kind]})
+    names = [o.name for o in spec.outputs]
+    want = _ort_outputs(export_dir / spec.file, feeds, names)
+    caches[key] = dict(zip(names, want, strict=True))
+    result = compiled.create_infer_request().infer(feeds)
+    got = [np.asarray(result[compiled.output(n)]) for n in names]
+    errors = {n: relative_error(g, w) for n, g, w in zip(names, got, want, strict=True)}
+    limit = TOLERANCES["int8w" if plan["weights"] == "int8" else plan["inference"]]
+    worst = float(np.max(list(errors.values())))  # NaN anywhere is the worst, not skipped
+    return {
+        "graph": key,
+        "weights": plan["weights"],
+        "inference": plan["inference"],
+        "worst_output": max(errors, key=lambda n: errors[n]),
+        "relative_l2": worst,
+        "max_abs_diff": max(float(np.abs(g - w).max()) for g, w in zip(got, want, strict=True)),
+        "tolerance": limit,
+        "passed": bool(np.isfinite(worst) and worst <= limit),
+    }
 
 
 def format_validation(rows: list[dict[str, Any]]) -> str:

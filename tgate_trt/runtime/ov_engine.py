@@ -1,9 +1,14 @@
-"""OpenVINO backend of the runtime's :class:`Engine` interface: one compiled model and infer request per graph.
+"""OpenVINO backend of the runtime's :class:`Engine` interface: a compiled model and infer request per graph.
 
 The tensors a call returns are the infer request's own ``ov.Tensor`` outputs. Bound as another request's
 input (``set_tensor``) an ``ov.Tensor`` is shared, not copied, so the pre-gate graph's caches reach the
 post-gate graph without a copy. Compiled models go to a cache directory (OpenVINO's ``CACHE_DIR``), so a
 second start maps the compiled blob instead of compiling again.
+
+A build that holds its weights once (``weights.bin``, :mod:`tgate_trt.engines.openvino_shared`) is mapped
+once, and every graph's weights are views of that mapping. Its UNet variants, when they share enough weights
+to matter, are compiled together as one model (:mod:`.ov_variants`), so the CPU plugin repacks each weight
+once instead of once per variant; each variant keeps its own engine and infer request.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ import numpy as np
 
 from .. import manifest as mf
 from ..engines.openvino import OV_DIR, TARGET, compile_config, import_openvino
+from ..engines.openvino_shared import map_weights, read_bound
+from .ov_variants import COMBINE_MIN_BYTES, SELECT, VariantGroup
 
 CACHE_ENV = "TGATE_OV_CACHE"
 
@@ -64,9 +71,12 @@ def check_section(section: Mapping[str, Any], *, ov_version: str, device: str) -
 
 
 def verify_files(root: Path, section: Mapping[str, Any]) -> None:
-    """Every ``.xml`` and ``.bin`` against its sha256; the message names the file."""
+    """Every ``.xml`` and ``.bin`` (and the shared ``weights.bin``) against its sha256; the message names the file."""
+    remedy = "rebuild with tgate-build --target openvino"
     for graph in section["graphs"].values():
-        mf.check_files(root, graph["files"], "rebuild with tgate-build --target openvino", OvMismatch)
+        mf.check_files(root, graph["files"], remedy, OvMismatch)
+    if "weights" in section:
+        mf.check_files(root, {section["weights"]["file"]: section["weights"]["sha256"]}, remedy, OvMismatch)
 
 
 class OvEngine:
@@ -75,7 +85,9 @@ class OvEngine:
     ``static``: the graph is compiled for the exact input shapes of the first call (and again when they
     change), as optimum-intel's ``reshape`` does; OpenVINO's CPU plugin then plans memory and picks
     kernels once, measured ~6% faster per SD-1.5 UNet call than the dynamic graph. With a compile cache a
-    shape seen before loads in about a second.
+    shape seen before loads in about a second. ``weights``: the build's mapped ``weights.bin`` (None for a
+    build whose IRs hold their own). ``group``: the variants compiled together that this graph is one of;
+    the engine then runs the group's compiled model with its own request, selecting its body.
     """
 
     def __init__(
@@ -87,6 +99,8 @@ class OvEngine:
         device: str,
         config: dict[str, str],
         static: bool = True,
+        weights: np.ndarray | None = None,
+        group: VariantGroup | None = None,
     ) -> None:
         import openvino as ov
 
@@ -96,9 +110,18 @@ class OvEngine:
         self.output_names = [o.name for o in spec.outputs]
         self.calls, self.seconds = 0, 0.0
         self.shapes: dict[str, tuple[int, ...]] | None = None  # what the compiled model was compiled for
-        self.xml, self.static = xml, static
-        self.compiled = None if static else core.compile_model(str(xml), device, config)
-        self.request = None if self.compiled is None else self.compiled.create_infer_request()
+        self.xml, self.static, self.weights, self.group = xml, static, weights, group  # weights: kept mapped
+        self.inputs = {t.name: t.name for t in spec.inputs}  # input/output name -> port of the compiled model
+        self.outputs = {n: n for n in self.output_names}
+        self._epoch = 0  # the group compile this engine's request belongs to
+        self._dummies: dict[str, Any] | None = None  # the zero inputs set on that request
+        self.compiled: Any = None
+        self.request: Any = None
+        if group is not None:
+            group.members.append(self)
+        if group is None and not static:
+            self.compiled = core.compile_model(read_bound(core, xml, weights), device, config)
+            self.request = self.compiled.create_infer_request()
 
     @property
     def loaded_from_cache(self) -> bool:
@@ -107,15 +130,39 @@ class OvEngine:
     def _compile_for(self, feeds: Mapping[str, Any]) -> None:
         """Compile for these input shapes unless already; the IR is read anew (memory-mapped) and dropped
         after compiling, so its fp32 weights are not held beside the compiled ones."""
+        if self.group is not None:
+            return self._join_group(feeds)
         shapes = {name: tuple(int(d) for d in value.shape) for name, value in feeds.items()}
         if not self.static or shapes == self.shapes:
-            return
+            return None
         self.compiled, self.request = None, None  # free the old compiled weights before building the new
-        model = self._core.read_model(str(self.xml))
+        model = read_bound(self._core, self.xml, self.weights)
         model.reshape({name: self._ov.PartialShape(list(shape)) for name, shape in shapes.items()})
         self.compiled = self._core.compile_model(model, self._device, self._config)
         del model
         self.request, self.shapes = self.compiled.create_infer_request(), shapes
+        return None
+
+    def _join_group(self, feeds: Mapping[str, Any]) -> None:
+        """The group's compiled model for these shapes; a new one gets a new request, and every request
+        gets zeros for the inputs only other variants read (their body does not run)."""
+        assert self.group is not None
+        epoch, dummies = self.group.prepare(self.name, feeds)
+        if epoch != self._epoch or self.request is None:
+            self.compiled, self._epoch = self.group.compiled, epoch
+            self.request = self.compiled.create_infer_request()
+            self.inputs, self.outputs = self.group.ports(self.name)
+            self.request.set_tensor(SELECT, self.group.selector(self.name))
+            self._dummies = None
+        if self._dummies is not dummies:
+            for port, tensor in dummies.items():
+                self.request.set_tensor(port, tensor)
+            self._dummies = dummies
+        self.shapes = {name: tuple(int(d) for d in value.shape) for name, value in feeds.items()}
+
+    def release(self) -> None:
+        """Drop the compiled model and request (the group does, before it compiles for new shapes)."""
+        self.compiled, self.request, self._dummies = None, None, None
 
     def asarray(self, array: np.ndarray, name: str | None = None) -> Any:
         """A tensor that owns a copy of ``array`` (host inputs are small: latents, states, scalars)."""
@@ -133,12 +180,41 @@ class OvEngine:
         request = self.request
         assert request is not None
         for name, value in feeds.items():
-            request.set_tensor(name, self.asarray(value, name) if isinstance(value, np.ndarray) else value)
+            tensor = self.asarray(value, name) if isinstance(value, np.ndarray) else value
+            request.set_tensor(self.inputs[name], tensor)
         request.infer()
-        outputs = {name: request.get_tensor(name) for name in self.output_names}
+        outputs = {name: request.get_tensor(self.outputs[name]) for name in self.output_names}
         self.calls += 1
         self.seconds += time.perf_counter() - start
         return outputs
+
+
+def _group_for(
+    manifest: mf.Manifest,
+    section: Mapping[str, Any],
+    configs: dict[str, dict[str, str]],
+    device: str,
+    share: bool | None,
+) -> list[str]:
+    """The variants to compile together: all of them, if they share weights (``share`` True), if their
+    smallest references :data:`COMBINE_MIN_BYTES` of them (``share`` None), and if they compile alike on
+    the CPU (whose plugin the combination is measured and made for)."""
+    keys = [k for k in manifest.variants if k in section["graphs"]]
+    if share is False or len(keys) < 2:
+        return []
+    why = ""
+    if device != "CPU":
+        why = f"variants are combined on the CPU only, not on {device}"
+    elif "weights" not in section:
+        why = "this build holds a copy of the weights per graph (built before weights.bin)"
+    elif len({tuple(sorted(configs[k].items())) for k in keys}) > 1:
+        why = "its UNet variants compile with different settings"
+    if why:
+        if share:
+            raise OvMismatch(f"the UNet variants can't share their weights: {why}; rebuild with tgate-build")
+        return []
+    smallest = min(int(section["graphs"][k].get("weights_bytes", 0)) for k in keys)
+    return keys if share or smallest >= COMBINE_MIN_BYTES else []
 
 
 def load_engines(
@@ -149,12 +225,16 @@ def load_engines(
     threads: int = 0,
     cache_dir: str | os.PathLike[str] | None = None,
     static: bool = True,
+    share: bool | None = None,
 ) -> dict[str, OvEngine]:
     """Every graph of the build ``root/<name>``, checked (version, device, sha256) before compiling.
 
     ``cache_dir``: where compiled blobs are kept (default :func:`default_cache_dir`; ``""`` disables).
     ``static``: compile each graph for the shapes of its first call (see :class:`OvEngine`); False
-    compiles the dynamic graphs now, for callers that change sizes often.
+    compiles the dynamic graphs now, for callers that change sizes often. ``share``: compile the UNet
+    variants together so their weights are held once (True), each alone (False), or together when each
+    references at least :data:`~.ov_variants.COMBINE_MIN_BYTES` of shared weights (None: below that the
+    copies cost less than the compile cache, which a combined model does without).
     """
     section = find_section(root, manifest, name)
     ov = import_openvino()
@@ -172,11 +252,20 @@ def load_engines(
     if cache is not None:
         cache.mkdir(parents=True, exist_ok=True)
         core.set_property({"CACHE_DIR": str(cache)})
-    engines = {}
-    for key, spec in manifest.graphs.items():
-        graph = section["graphs"].get(key)
-        if graph is None:
-            raise OvMismatch(f"the OpenVINO build {name!r} has no {key}: rebuild with tgate-build --target openvino")
-        config = compile_config(graph["inference"], device, threads or int(section["options"].get("threads", 0)))
-        engines[key] = OvEngine(key, spec, core, root / graph["xml"], device, config, static)
-    return engines
+    missing = [key for key in manifest.graphs if key not in section["graphs"]]
+    if missing:
+        raise OvMismatch(f"the OpenVINO build {name!r} has no {missing[0]}: rebuild with tgate-build --target openvino")
+    weights = map_weights(root / section["weights"]["file"]) if "weights" in section else None
+    threads = threads or int(section["options"].get("threads", 0))
+    configs = {key: compile_config(g["inference"], device, threads) for key, g in section["graphs"].items()}
+    xmls = {key: root / g["xml"] for key, g in section["graphs"].items()}
+    together = _group_for(manifest, section, configs, device, share)
+    group = None
+    if together:
+        group = VariantGroup(manifest, together, core, xmls, weights, device, configs[together[0]], static)
+    return {
+        key: OvEngine(
+            key, spec, core, xmls[key], device, configs[key], static, weights, group if key in together else None
+        )
+        for key, spec in manifest.graphs.items()
+    }
