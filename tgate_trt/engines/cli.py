@@ -99,7 +99,10 @@ def _openvino(args: argparse.Namespace) -> int:
         )
     section = build_openvino(export, out.name, args.precision, args.device, args.threads)
     print(format_validation(section["validation"]["rows"]))
-    size = sum((export / rel).stat().st_size for g in section["graphs"].values() for rel in g["files"]) / 2**20
+    files = {rel for g in section["graphs"].values() for rel in g["files"]}
+    size = (
+        sum((export / rel).stat().st_size for rel in files) / 2**20 + section.get("weights", {}).get("bytes", 0) / 2**20
+    )
     print(
         f"OpenVINO {section['openvino']} on {section['device']} ({section['device_name']}), {section['precision']}: "
         f"wrote {out} ({size:.1f} MiB) and its section in {export / 'manifest.json'}; "

@@ -113,22 +113,28 @@ def validate_export(
 
     checks = _check_text_encoders(pipe, root, family, opts.dtype, step)
     modules = variant_modules(pipe, variants or variants_for("v1", family.cfg), family)
-    sessions = {key: _session(root / mf.graph_file(key, unet=True)) for key in modules}
-    sess_vae = _session(root / mf.graph_file(mf.VAE_DECODER, unet=False))
     vae_dtype = "fp32" if vae_upcast(pipe, family, opts) else opts.dtype
-    for name, batch, h, w in cases:
-        case = f"{name} {h}x{w}"
-        step(f"validate UNet graphs ({case})")
-        inputs = unet_example(pipe, ExportOptions(opts.dtype, opts.opset, h, w), batch=batch, seed=1, family=family)
-        for key, module in modules.items():
+    examples = [
+        (f"{name} {h}x{w}", unet_example(pipe, ExportOptions(opts.dtype, opts.opset, h, w), batch=batch, seed=1,
+                                         family=family))
+        for name, batch, h, w in cases
+    ]  # fmt: skip
+    found: dict[tuple[str, str], Check] = {}
+    for key, module in modules.items():  # one session at a time: each UNet variant holds the UNet's weights
+        step(f"validate {key}")
+        session = _session(root / mf.graph_file(key, unet=True))
+        for case, inputs in examples:
             # a replaying graph gets the PyTorch caches, as the pipeline hands it the graph's own
             feeds = variant_feeds(modules, module.variant, inputs)
             with torch.no_grad():
                 ref = module(**feeds)
-            got = sessions[key].run(None, _np(feeds))
-            checks.append(_compare(key, case, got, list(ref) if isinstance(ref, tuple) else [ref], opts.dtype))
-
-        step(f"validate VAE decoder ({case})")
+            got = session.run(None, _np(feeds))
+            found[case, key] = _compare(key, case, got, list(ref) if isinstance(ref, tuple) else [ref], opts.dtype)
+        del session
+    step("validate VAE decoder")
+    sess_vae = _session(root / mf.graph_file(mf.VAE_DECODER, unet=False))
+    for case, inputs in examples:
+        checks += [found[case, key] for key in modules]
         latent = inputs[mf.SAMPLE].to(pipe.vae.dtype)
         with torch.no_grad():
             ref_img = pipe.vae.decode(latent, return_dict=False)[0]

@@ -93,9 +93,11 @@ def prepare(root: Path, manifest: mf.Manifest, keys: Sequence[str], cache_dir: P
         try:
             with OutputDir(folder, force=True, option="the ONNX Runtime cache") as tmp:
                 with SharedWeights(tmp, WEIGHTS) as shared, ScratchDir(tmp) as scratch:
-                    for key in keys:
+                    for key in keys:  # one optimised graph on disk at a time besides the shared file
                         _optimise(root / manifest.graphs[key].file, scratch / f"{key}.onnx")
                         shared.save(scratch / f"{key}.onnx", f"{key}.onnx", rename=True)
+                        for done in scratch.iterdir():
+                            done.unlink()
                     written, referenced = shared.written, shared.referenced
                 atomic_write_json(
                     tmp / RECORD,

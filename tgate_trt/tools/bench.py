@@ -313,9 +313,9 @@ def build_parser() -> Parser:
     ap.add_argument("--runs", type=int, default=3, help=f"timed runs per variant after a warm-up, 1..{MAX_RUNS}")
     ap.add_argument(
         "--variants",
-        help=f"comma-separated, from {','.join(VARIANTS)} (or letters only, e.g. cdeq); default: a,b,b16,c,d,e, "
+        help=f"comma-separated, from {','.join(VARIANTS)} (or letters only, e.g. cdeq); default: a,b,b16,c,d,d-sep,e, "
         "f,g,h with openvino and an OpenVINO build, h-int8w with its build, q with --int8-export, and with a V2 "
-        "export b-v2,b16-v2,d-v2 (h-v2, h-int8w-v2 with their builds)",
+        "export b-v2,b16-v2,d-v2,d-sep-v2 (h-v2, h-int8w-v2 with their builds)",
     )
     ap.add_argument(
         "--optimum-unet",
