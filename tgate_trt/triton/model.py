@@ -63,6 +63,17 @@ def _flag(params: dict[str, str], key: str, default: bool) -> bool:
     return default if not text else text in ("1", "true", "yes", "on")
 
 
+def _memory() -> str:
+    """This instance's memory, for the log: resident now and at its peak (Linux ``/proc/self/status``)."""
+    try:
+        with open("/proc/self/status") as f:
+            fields = dict(line.split(":", 1) for line in f.read().splitlines() if ":" in line)
+        now, peak = (int(fields[k].split()[0]) / 1024 for k in ("VmRSS", "VmHWM"))
+        return f"RSS {now:.0f} MiB, peak {peak:.0f} MiB"
+    except (OSError, KeyError, ValueError):
+        return "memory not readable here"
+
+
 def _malloc_trim() -> Callable[[], None]:
     """glibc's ``malloc_trim(0)``: hand freed heap memory back to the system (a no-op elsewhere)."""
     try:
@@ -165,7 +176,7 @@ class TritonPythonModel:
             self.worker.start()
         pb_utils.Logger.log_info(
             f"{self.name}: loaded {artifacts} ({backend}, {kind}, queue {self.settings.queue}, "
-            f"ORT CPU arena {arena}) in {time.perf_counter() - start:.1f}s"
+            f"ORT CPU arena {arena}) in {time.perf_counter() - start:.1f}s; {_memory()}"
         )
 
     # --- one request ---------------------------------------------------------------------------
@@ -222,6 +233,7 @@ class TritonPythonModel:
             self._trim()
         except Exception as exc:  # memory stays with the process; serving goes on
             pb_utils.Logger.log_warn(f"{self.name}: could not release memory: {type(exc).__name__}: {exc}")
+        pb_utils.Logger.log_info(f"{self.name}: after a request, {_memory()}")
 
     # --- Triton's entry points -----------------------------------------------------------------
     def execute(self, requests: list[Any]) -> list[Any] | None:
