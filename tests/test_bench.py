@@ -93,7 +93,7 @@ def test_bench_runs_ours_on_openvino(tiny_export: Path, tmp_path: Path, monkeypa
     ns = argparse.Namespace(
         variants=None, export=export, ov_precision="f32", ov_build="openvino", ov_int8w_build="openvino-int8w"
     )
-    assert choose_variants(argparse.Namespace(**vars(ns), int8_export=None))[6:] == ["f", "g", "h", "h-int8w"]
+    assert choose_variants(argparse.Namespace(**vars(ns), int8_export=None))[7:] == ["f", "g", "h", "h-int8w"]
     base = [*TINY, "--export", str(export), "--out", str(tmp_path / "bench")]
     assert main([*base, "--variants", "h", "--ov-precision", "bf16"]) == 2  # the build is f32
     assert main([*base, "--variants", "h-int8w", "--ov-int8w-build", "openvino"]) == 2  # not an int8w build
