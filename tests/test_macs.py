@@ -92,7 +92,7 @@ def test_cli_prints_table_and_writes_json(tiny_export: Path, tmp_path: Path, cap
     assert "--max-pixels" in capsys.readouterr().err
     argv = [str(tiny_export), "--height", "4096", "--width", "4096", "--max-pixels", str(4096 * 4096)]
     assert main([*argv, "--json", str(tmp_path / "big.json")]) == 0  # ... which --max-pixels raises
-    assert json.loads((tmp_path / "big.json").read_text())["height"] == 256
+    assert json.loads((tmp_path / "big.json").read_text())["height"] == 4096
     assert sorted(p.name for p in tmp_path.iterdir()) == ["big.json", "m.json"]  # no temp file, no refused JSON
 
 
