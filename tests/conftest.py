@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
@@ -11,8 +10,6 @@ import pytest
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-# ORT's prepared weight-sharing graphs (runtime/ort_shared.py) go to a per-session cache, not the user's
-os.environ.setdefault("TGATE_ORT_CACHE", tempfile.mkdtemp(prefix="tgate-ort-cache-"))
 
 
 @pytest.fixture(scope="session")

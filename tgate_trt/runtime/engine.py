@@ -10,16 +10,13 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
 from ..contract.errors import UsageError
 from ..contract.quiet import ort_log_level
 from ..manifest import GraphSpec
-
-if TYPE_CHECKING:
-    from .ort_shared import SharedOrtWeights
 
 
 @runtime_checkable
@@ -92,18 +89,12 @@ class OrtEngine:
         providers: Sequence[str] | None = None,
         threads: int = 0,
         cpu_arena: str = "session",
-        weights: SharedOrtWeights | None = None,
     ) -> None:
-        """``weights``: run the prepared graph that reads the pipeline's one copy of the UNet weights
-        (:mod:`.ort_shared`) instead of ``path``."""
         import onnxruntime as ort
 
         self.name, self.spec = name, spec
         opts = session_options(threads, cpu_arena)
-        if weights is not None:
-            path, opts = weights.graph(name), weights.session_options(name, opts)
         self.session = ort.InferenceSession(str(path), opts, providers=list(providers or default_providers()))
-        self._weights = weights  # the memory map and tensors the session reads in place: alive while it is
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
         self.dtypes = {t.name: np.dtype(t.dtype) for t in [*spec.inputs, *spec.outputs]}
         self.output_names = [o.name for o in spec.outputs]

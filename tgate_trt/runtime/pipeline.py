@@ -119,9 +119,9 @@ class TGatePipeline:
         (``session``, ``shared`` or ``off``: :func:`~tgate_trt.runtime.engine.session_options`; default
         ``shared``: the graphs run one after another, so one arena serves them all).
 
-        ONNX Runtime on the CPU: ``weights="shared"`` (default) holds the UNet variants' weights once in memory
-        (:mod:`.ort_shared`; prepared once per machine into ``cache_dir``, default ``~/.cache/tgate-trt/ort``;
-        ``cache_dir=""`` or ``weights="separate"``: each session loads its own copy)."""
+        ONNX Runtime on the CPU: ``weights="shared"`` (default) runs every UNet variant on one session of the
+        gated graph, so the weights are held once (:mod:`.ort_gated`); ``weights="separate"`` loads a session,
+        and a copy of the weights, per variant graph."""
         from transformers import CLIPTokenizer
 
         if backend not in BACKENDS:
@@ -146,20 +146,19 @@ class TGatePipeline:
 
             loaded = dict(load_ov(root, manifest, engines or OV_DIR, device, threads, cache_dir, static_shapes))
         else:
-            from .ort_shared import WEIGHT_MODES, shared_weights
+            from .ort_gated import WEIGHT_MODES, gated_views
 
             if weights not in WEIGHT_MODES:
                 raise UsageError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {weights!r}")
             providers = list(providers or default_providers())
             arena = cpu_arena or "shared"
-            unets = list(manifest.variants)
-            shared = None
-            if weights == "shared" and providers == ["CPUExecutionProvider"]:
-                shared = shared_weights(root, manifest, unets, cache_dir)
-            loaded = {
-                key: OrtEngine(key, root / spec.file, spec, providers, threads, arena, shared if key in unets else None)
-                for key, spec in manifest.graphs.items()
-            }
+            views = None
+            if weights == "shared" and providers == ["CPUExecutionProvider"] and len(manifest.variants) > 1:
+                views = gated_views(root, manifest, providers, threads, arena)
+            loaded = dict(views or {})
+            for key, spec in manifest.graphs.items():
+                if key not in loaded:
+                    loaded[key] = OrtEngine(key, root / spec.file, spec, providers, threads, arena)
         tokenizer = CLIPTokenizer.from_pretrained(str(root / manifest.text["tokenizer"]))
         return cls(root, manifest, loaded, tokenizer, max_pixels)
 
