@@ -19,6 +19,10 @@ from __future__ import annotations
 
 import hashlib
 import math
+import mmap
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -132,7 +136,43 @@ def map_weights(path: Path) -> np.ndarray:
     """``weights.bin`` mapped read-only: its pages are the page cache's, shared by every graph (and process)."""
     if path.stat().st_size == 0:  # nothing to map (and mmap refuses an empty file)
         return np.zeros(0, np.uint8)
-    return np.memmap(path, dtype=np.uint8, mode="r")
+    with open(path, "rb") as f:
+        return np.frombuffer(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ), np.uint8)
+
+
+def release_pages(weights: np.ndarray | None) -> None:
+    """Drop the mapped weights' pages from this process once a compile is done. The CPU plugin has repacked
+    (at bf16: converted) what its kernels read, so the file's own bytes sit unused in the process's resident
+    memory: SD-1.5 V1 at bf16 held 3.9 GB of them after compiling (RSS 7.5 GB, 3.6 GB without them, the
+    same time per step and the same latents). A page still read later faults back in from the file."""
+    base = getattr(weights, "base", None)
+    base = base.obj if isinstance(base, memoryview) else base  # np.frombuffer's base views the map
+    if isinstance(base, mmap.mmap) and hasattr(mmap, "MADV_DONTNEED"):
+        base.madvise(mmap.MADV_DONTNEED)
+
+
+@contextmanager
+def pages_released(weights: np.ndarray | None, period_s: float = 0.05) -> Iterator[None]:
+    """Around a compile: drop the mapped pages every ``period_s`` while the plugin repacks, and once after.
+    The plugin reads each weight once to repack it, so the pages it is done with need not wait for the end:
+    without this the peak holds the whole file beside the repacked copies (SD-1.5 V1 bf16 peak 7.36 GiB).
+    Dropping a page the plugin still reads only makes it fault back in from the page cache."""
+    stop = threading.Event()
+
+    def loop() -> None:
+        while not stop.wait(period_s):
+            release_pages(weights)
+
+    thread = threading.Thread(target=loop, name="release-weight-pages", daemon=True)
+    if weights is not None:
+        thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        if thread.is_alive():
+            thread.join()
+        release_pages(weights)
 
 
 def bind_weights(model: Any, weights: np.ndarray) -> None:

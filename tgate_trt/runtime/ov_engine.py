@@ -23,7 +23,7 @@ import numpy as np
 
 from .. import manifest as mf
 from ..engines.openvino import OV_DIR, TARGET, compile_config, import_openvino
-from ..engines.openvino_shared import map_weights, read_bound
+from ..engines.openvino_shared import map_weights, pages_released, read_bound
 from .ov_variants import COMBINE_MIN_BYTES, SELECT, VariantGroup
 
 CACHE_ENV = "TGATE_OV_CACHE"
@@ -120,7 +120,8 @@ class OvEngine:
         if group is not None:
             group.members.append(self)
         if group is None and not static:
-            self.compiled = core.compile_model(read_bound(core, xml, weights), device, config)
+            with pages_released(weights):
+                self.compiled = core.compile_model(read_bound(core, xml, weights), device, config)
             self.request = self.compiled.create_infer_request()
 
     @property
@@ -138,7 +139,8 @@ class OvEngine:
         self.compiled, self.request = None, None  # free the old compiled weights before building the new
         model = read_bound(self._core, self.xml, self.weights)
         model.reshape({name: self._ov.PartialShape(list(shape)) for name, shape in shapes.items()})
-        self.compiled = self._core.compile_model(model, self._device, self._config)
+        with pages_released(self.weights):
+            self.compiled = self._core.compile_model(model, self._device, self._config)
         del model
         self.request, self.shapes = self.compiled.create_infer_request(), shapes
         return None

@@ -142,7 +142,7 @@ class VariantGroup:
     def _compile(self, shapes: dict[str, dict[str, list[int]]] | None) -> None:
         import openvino as ov
 
-        from ..engines.openvino_shared import read_bound
+        from ..engines.openvino_shared import pages_released, read_bound
 
         for engine in self.members:  # free the old compiled model (every request on it) before the new
             engine.release()
@@ -155,7 +155,8 @@ class VariantGroup:
             models[key] = model
         combined = combine(models)
         del models
-        self.compiled = self.core.compile_model(combined.model, self.device, self.config)
+        with pages_released(self.weights):
+            self.compiled = self.core.compile_model(combined.model, self.device, self.config)
         combined.model = None  # the compiled model keeps what it needs
         self.combined = combined
         self.epoch += 1
