@@ -68,6 +68,18 @@ def test_v2_export_holds_each_unet_weight_once(v2_export) -> None:  # noqa: ANN0
     assert stored == largest and referenced > 4.5 * stored
 
 
+def test_shapes_export_holds_each_unet_weight_once(shapes_export: Path) -> None:
+    stored, referenced, largest = _stored_once(shapes_export)
+    assert stored == largest and referenced > 1.9 * stored
+
+
+def test_shapes_results_unchanged_by_sharing(shapes_export: Path) -> None:
+    shared, calls = _latents(shapes_export)
+    separate, calls_separate = _latents(shapes_export, weights="separate", cpu_arena="session")
+    assert calls == calls_separate
+    assert float(np.abs(shared - separate).max()) <= 1e-6 * float(np.abs(separate).max())
+
+
 def _latents(root: Path, **kw: object) -> tuple[np.ndarray, dict[str, int]]:
     pipe = TGatePipeline.from_export(root, **kw)  # type: ignore[arg-type]
     result = pipe("a red circle", num_inference_steps=8, gate_step=3, seed=5)

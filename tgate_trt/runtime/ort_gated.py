@@ -26,7 +26,6 @@ from ..engines.gated import GatedSpec, NumpyOps, gated_feeds, gated_spec, output
 from ..methods.variants import GraphVariant
 from .engine import session_options
 
-WEIGHT_MODES = ("shared", "separate")
 _OPS = NumpyOps()
 
 

@@ -27,6 +27,7 @@ from .conditioning import TextConditioner, check_sizes
 from .engine import Engine, OrtEngine, default_providers
 
 BACKENDS = ("ort", "openvino", "trt")
+WEIGHT_MODES = ("shared", "separate")
 MAX_STEPS = mf.MAX_STEPS
 
 
@@ -121,12 +122,15 @@ class TGatePipeline:
 
         ONNX Runtime on the CPU: ``weights="shared"`` (default) runs every UNet variant on one session of the
         gated graph, so the weights are held once (:mod:`.ort_gated`); ``weights="separate"`` loads a session,
-        and a copy of the weights, per variant graph."""
+        and a copy of the weights, per variant graph. OpenVINO: ``weights="shared"`` compiles the UNet variants
+        as one model where they reference enough of the shared weights, ``"separate"`` compiles each alone."""
         from transformers import CLIPTokenizer
 
         if backend not in BACKENDS:
             raise UsageError(f"backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
         limits.check_threads(threads)
+        if weights not in WEIGHT_MODES:
+            raise UsageError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {weights!r}")
         if max_pixels is not None:
             limits.check_int("max_pixels", max_pixels, 1)
         root = Path(root)
@@ -144,12 +148,11 @@ class TGatePipeline:
             from .ov_engine import OV_DIR
             from .ov_engine import load_engines as load_ov
 
-            loaded = dict(load_ov(root, manifest, engines or OV_DIR, device, threads, cache_dir, static_shapes))
+            share = None if weights == "shared" else False  # None: the variants combine where it pays
+            loaded = dict(load_ov(root, manifest, engines or OV_DIR, device, threads, cache_dir, static_shapes, share))
         else:
-            from .ort_gated import WEIGHT_MODES, gated_views
+            from .ort_gated import gated_views
 
-            if weights not in WEIGHT_MODES:
-                raise UsageError(f"weights must be one of {', '.join(WEIGHT_MODES)}, got {weights!r}")
             providers = list(providers or default_providers())
             arena = cpu_arena or "shared"
             views = None
